@@ -1,0 +1,5 @@
+import sys
+
+from shmfault.cli import main
+
+sys.exit(main())
