@@ -60,8 +60,8 @@ _FEATURE_INITIALIZED = 1 << 31
 def seccomp_mode() -> int:
     """This process's seccomp mode from /proc/self/status: 0 none, 1 strict, 2 filter."""
     try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
+        with open("/proc/self/status", "rb") as status:
+            for line in status.read().decode().splitlines():
                 if line.startswith("Seccomp:"):
                     return int(line.split()[1])
     except (OSError, ValueError, IndexError):
@@ -69,7 +69,7 @@ def seccomp_mode() -> int:
     return 0
 
 
-def _why_denied(path: str, err: int) -> str:
+def why_denied(path: str, err: int) -> str:
     filtered = seccomp_mode() == 2
     if err in (errno.EPERM, errno.EACCES) and path == PATH_DEVICE:
         return "the device node's file mode does not let this user open it"
@@ -93,7 +93,7 @@ def _why_denied(path: str, err: int) -> str:
     return os.strerror(err)
 
 
-def _open_device(flags: int) -> int:
+def open_device(flags: int) -> int:
     device = os.open(DEV_USERFAULTFD, os.O_RDWR | os.O_CLOEXEC)
     try:
         return fcntl.ioctl(device, _abi.USERFAULTFD_IOC_NEW, flags)
@@ -116,13 +116,13 @@ def open_userfaultfd(
             return _libc.userfaultfd(flags), PATH_SYSCALL, False
         except OSError as exc:
             attempts.append(
-                OpenAttempt(PATH_SYSCALL, errno_of(exc), _why_denied(PATH_SYSCALL, errno_of(exc)))
+                OpenAttempt(PATH_SYSCALL, errno_of(exc), why_denied(PATH_SYSCALL, errno_of(exc)))
             )
         try:
-            return _open_device(flags), PATH_DEVICE, False
+            return open_device(flags), PATH_DEVICE, False
         except OSError as exc:
             attempts.append(
-                OpenAttempt(PATH_DEVICE, errno_of(exc), _why_denied(PATH_DEVICE, errno_of(exc)))
+                OpenAttempt(PATH_DEVICE, errno_of(exc), why_denied(PATH_DEVICE, errno_of(exc)))
             )
     if user_mode_only is not False:
         try:
@@ -132,7 +132,7 @@ def open_userfaultfd(
                 OpenAttempt(
                     PATH_USER_MODE_ONLY,
                     errno_of(exc),
-                    _why_denied(PATH_USER_MODE_ONLY, errno_of(exc)),
+                    why_denied(PATH_USER_MODE_ONLY, errno_of(exc)),
                 )
             )
     raise UffdUnavailableError(attempts)
@@ -521,8 +521,8 @@ class Uffd:
 def _fdinfo_features(fd: int) -> int | None:
     """The features in the ``API:\taa:<features>:<ioctls>`` line of a userfaultfd's fdinfo."""
     try:
-        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as info:
-            for line in info:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as info:
+            for line in info.read().decode().splitlines():
                 if line.startswith("API:"):
                     return int(line.split()[1].split(":")[1], 16)
     except (OSError, ValueError, IndexError):
