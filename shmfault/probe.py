@@ -51,6 +51,13 @@ from shmfault.uffd import (
 
 SCHEMA_VERSION = 1
 
+#: open paths as they are named in the JSON report
+_PATH_KEYS = {
+    PATH_SYSCALL: "syscall",
+    PATH_DEVICE: "dev_userfaultfd",
+    PATH_USER_MODE_ONLY: "user_mode_only",
+}
+
 MEMORY_TYPES = ("anonymous", "memfd", "posix_shm", "hugetlb")
 REGISTER_MODES = ("missing", "minor", "wp")
 _REGISTER_BITS = {
@@ -230,11 +237,11 @@ class Capabilities:
                 return Check(result.ok, result.reason)
         feature = key.upper().removeprefix("UFFD_FEATURE_")
         if feature in Feature.__members__:
-            have = feature in self.api["features"]
+            have = feature.lower() in self.api["features"]
             return Check(have, "" if have else self.api["reason"] or f"kernel lacks {feature}")
         ioctl = key.upper().removeprefix("UFFDIO_")
         if ioctl in Ioctl.__members__:
-            have = ioctl in self.api["ioctls"] or any(
+            have = ioctl.lower() in self.api["ioctls"] or any(
                 ioctl.lower() in reg.ioctls
                 for report in self.memory.values()
                 for reg in report.register.values()
@@ -400,6 +407,7 @@ def _api_facts() -> dict[str, Any]:
             "ok": False,
             "reason": str(exc),
             "path": None,
+            "user_mode_only": None,
             "features_mask": 0,
             "features": [],
             "unknown_features": [],
@@ -413,7 +421,8 @@ def _api_facts() -> dict[str, Any]:
         return {
             "ok": False,
             "reason": f"UFFDIO_API failed: {os.strerror(errno_of(exc))}",
-            "path": path,
+            "path": _PATH_KEYS[path],
+            "user_mode_only": user_mode_only,
             "features_mask": 0,
             "features": [],
             "unknown_features": [],
@@ -425,12 +434,14 @@ def _api_facts() -> dict[str, Any]:
     return {
         "ok": True,
         "reason": "",
-        "path": path,
+        "path": _PATH_KEYS[path],
         "user_mode_only": user_mode_only,
         "features_mask": features,
-        "features": [name for name in names if not name.startswith("0x")],
+        "features": [name.lower() for name in names if not name.startswith("0x")],
         "unknown_features": [int(name, 16) for name in names if name.startswith("0x")],
-        "ioctls": [name for name in _abi.flag_names(ioctls, Ioctl) if not name.startswith("0x")],
+        "ioctls": [
+            name.lower() for name in _abi.flag_names(ioctls, Ioctl) if not name.startswith("0x")
+        ],
     }
 
 
@@ -785,12 +796,10 @@ def format_table(report: Capabilities) -> str:
     api = report.api
     lines.append("")
     if api.get("ok"):
-        lines.append(
-            f"API features  {api['features_mask']:#x}: {' '.join(api['features']).lower()}"
-        )
+        lines.append(f"API features  {api['features_mask']:#x}: {' '.join(api['features'])}")
         if api.get("unknown_features"):
             lines.append(f"  unknown bits: {' '.join(hex(b) for b in api['unknown_features'])}")
-        lines.append(f"API ioctls    {' '.join(api['ioctls']).lower()}")
+        lines.append(f"API ioctls    {' '.join(api['ioctls'])}")
     else:
         lines.append(f"API           unavailable: {api.get('reason')}")
     lines.append("")
