@@ -13,19 +13,24 @@ ppc64le, s390x is big-endian and uses the native byte order: hence ``=``).
 from __future__ import annotations
 
 import enum
+import platform
 import struct
 
-# --- ioctl request encoding (asm-generic/ioctl.h; x86 and arm64 use the generic one) ---
+# --- ioctl request encoding (asm-generic/ioctl.h) ---
+# powerpc overrides it (arch/powerpc/include/uapi/asm/ioctl.h: 13 size bits, 3 direction bits,
+# NONE=1, WRITE=4): its _IO/_IOR numbers differ from the generic ones. Every other architecture
+# that _libc knows a userfaultfd syscall number for uses the generic encoding.
+_POWERPC = platform.machine().startswith(("ppc", "powerpc"))
 
 _IOC_NRBITS = 8
 _IOC_TYPEBITS = 8
-_IOC_SIZEBITS = 14
+_IOC_SIZEBITS = 13 if _POWERPC else 14
 _IOC_NRSHIFT = 0
 _IOC_TYPESHIFT = _IOC_NRSHIFT + _IOC_NRBITS
 _IOC_SIZESHIFT = _IOC_TYPESHIFT + _IOC_TYPEBITS
 _IOC_DIRSHIFT = _IOC_SIZESHIFT + _IOC_SIZEBITS
-_IOC_NONE = 0
-_IOC_WRITE = 1
+_IOC_NONE = 1 if _POWERPC else 0
+_IOC_WRITE = 4 if _POWERPC else 1
 _IOC_READ = 2
 
 

@@ -37,6 +37,7 @@ class UffdError(ShmfaultError, OSError):
         self.address = address
         self.length = length
         self.done = done
+        self.detail = detail
         where = f" at {address:#x}+{length:#x}" if length else ""
         partial = f" after {done} bytes" if done else ""
         extra = f": {detail}" if detail else ""
@@ -49,7 +50,7 @@ class UffdError(ShmfaultError, OSError):
     def __reduce__(self) -> tuple[object, ...]:
         return (
             type(self),
-            (self.errno, self.operation, self.address, self.length, self.done),
+            (self.errno, self.operation, self.address, self.length, self.done, self.detail),
         )
 
 
@@ -133,6 +134,9 @@ class EventDecodeError(ShmfaultError):
     def __init__(self, message: str, events: list[object]) -> None:
         super().__init__(message)
         self.events = events
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.events))
 
 
 def errno_of(exc: OSError) -> int:

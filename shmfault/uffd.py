@@ -71,8 +71,16 @@ def seccomp_mode() -> int:
 
 def why_denied(path: str, err: int) -> str:
     filtered = seccomp_mode() == 2
-    if err in (errno.EPERM, errno.EACCES) and path == PATH_DEVICE:
+    if err == errno.EACCES and path == PATH_DEVICE:
         return "the device node's file mode does not let this user open it"
+    if err == errno.EPERM and path == PATH_DEVICE:
+        # EPERM never comes from the file mode (that is EACCES): a device cgroup refuses the
+        # open, or a filter refuses the USERFAULTFD_IOC_NEW ioctl on the opened node.
+        return "a device cgroup or security module denies the device" + (
+            ", or the seccomp filter installed here denies its USERFAULTFD_IOC_NEW ioctl"
+            if filtered
+            else ""
+        )
     if err == errno.EPERM:
         reason = (
             "vm.unprivileged_userfaultfd=0 and the process lacks CAP_SYS_PTRACE"
