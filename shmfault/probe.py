@@ -35,7 +35,7 @@ from typing import Any
 
 import posix_ipc
 
-from shmfault import _abi, _libc
+from shmfault import _abi, _libc, modes
 from shmfault._abi import Feature, Ioctl, RegisterMode
 from shmfault.errors import UffdUnavailableError, errno_of
 from shmfault.uffd import (
@@ -100,37 +100,6 @@ _ROUND_TRIPS: dict[str, tuple[tuple[str, str], ...]] = {
     "posix_shm": (("missing-copy", "missing"), ("minor-continue", "minor")),
     "hugetlb": (("missing-copy", "missing"), ("minor-continue", "minor")),
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Mode:
-    """A way of attaching a client to a region (see docs/architecture.md)."""
-
-    name: str
-    description: str
-    #: (memory type, round trip) that proves the mode works here; None: needs no userfaultfd
-    needs: tuple[str, str] | None
-
-
-#: The fallback chain, best first. Which shared mode leads is decided by the benchmarks.
-MODES: tuple[Mode, ...] = (
-    Mode(
-        "shared-copy",
-        "region fd MAP_SHARED, MISSING faults, UFFDIO_COPY",
-        ("memfd", "missing-copy"),
-    ),
-    Mode(
-        "shared-continue",
-        "region fd MAP_SHARED, MINOR faults, UFFDIO_CONTINUE",
-        ("memfd", "minor-continue"),
-    ),
-    Mode(
-        "private-copy",
-        "anonymous MAP_PRIVATE, MISSING faults, UFFDIO_COPY (writes private)",
-        ("anonymous", "missing-copy"),
-    ),
-    Mode("eager", "region filled before attach returns; no userfaultfd", None),
-)
 
 
 @dataclass(slots=True)
@@ -226,9 +195,9 @@ class Capabilities:
         }
         if key in simple:
             return Check(simple[key]["ok"], simple[key]["reason"])
-        for mode in self.modes:
-            if key == mode.name:
-                return Check(mode.available, mode.reason)
+        for chained in self.modes:
+            if key == chained.name:
+                return Check(chained.available, chained.reason)
         if "." in key:
             memory, _, trip = key.partition(".")
             report = self.memory.get(memory)
@@ -713,14 +682,15 @@ def _memory_report(
 
 def _modes(memory: dict[str, MemoryReport]) -> list[ModeReport]:
     chain: list[ModeReport] = []
-    for mode in MODES:
-        if mode.needs is None:
-            chain.append(ModeReport(mode.name, True, "needs no userfaultfd"))
+    for mode in modes.CHAIN:
+        proof = modes.PROOF[mode]
+        if proof is None:
+            chain.append(ModeReport(mode.wire_name, True, "needs no userfaultfd"))
             continue
-        kind, trip = mode.needs
+        kind, trip = proof
         result = memory[kind].round_trips[trip]
         reason = "" if result.ok else f"{kind} {trip} round trip failed: {result.reason}"
-        chain.append(ModeReport(mode.name, result.ok, reason))
+        chain.append(ModeReport(mode.wire_name, result.ok, reason))
     return chain
 
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from shmfault.modes import CHAIN
 from shmfault.probe import (
-    MODES,
     Capabilities,
     MemoryReport,
     Registration,
@@ -81,7 +81,7 @@ def _report(*, minor_ok: bool, syscall_ok: bool = True) -> Capabilities:
 def test_the_mode_chain_follows_the_round_trips() -> None:
     report = _report(minor_ok=False)
     chain = {mode.name: mode for mode in report.modes}
-    assert [mode.name for mode in report.modes] == [mode.name for mode in MODES]
+    assert [mode.name for mode in report.modes] == [mode.wire_name for mode in CHAIN]
     assert chain["shared-copy"].available
     assert not chain["shared-continue"].available
     assert "minor-continue" in chain["shared-continue"].reason
@@ -156,8 +156,8 @@ def test_to_dict_is_json_with_the_documented_top_level_fields() -> None:
 
 def test_table_shows_every_mode_and_the_reasons() -> None:
     table = format_table(_report(minor_ok=False))
-    for mode in MODES:
-        assert mode.name in table
+    for mode in CHAIN:
+        assert mode.wire_name in table
     assert "kernel lacks MINOR_SHMEM" in table
     assert "best mode     shared-copy" in table
 
