@@ -71,6 +71,21 @@ _LABEL_KEY_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?")
 _SHM_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
+_SIZE_PATTERN = re.compile(r"\s*(\d+)\s*(?:([KMGTP])(?:iB|B)?|B)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from a size as users write it: ``4096``, ``4K``, ``64GiB``, ``2M``. Units are
+    powers of 1024 (``G`` and ``GiB`` alike: memory is counted in pages). Raises ValueError."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE_PATTERN.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (examples: 4096, 4K, 2MiB, 64G)")
+    return int(match.group(1)) << _SIZE_UNITS[(match.group(2) or "").upper()]
+
+
 def log_event(level: int, event: str, **fields: object) -> None:
     """Log one event of the store: ``event`` is the message, ``fields`` its key-value pairs
     (the server's formatter writes them as key=value or JSON)."""
@@ -102,6 +117,17 @@ class Source:
     path: str = ""
     offset: int = 0
     region: str = ""
+
+    @classmethod
+    def of_file(cls, path: str | os.PathLike[str], offset: int = 0) -> Source:
+        """The bytes of the file at ``path`` (absolute, as the service sees it) from
+        ``offset`` on."""
+        return cls(SourceKind.FILE, path=os.fspath(path), offset=offset)
+
+    @classmethod
+    def of_region(cls, region: str) -> Source:
+        """The current bytes of the region with id or name ``region`` (a clone)."""
+        return cls(SourceKind.REGION, region=region)
 
     def describe(self) -> str:
         """One word or path for logs and tables: ``zero``, ``file:/p@4096``, ``region:r…``."""
