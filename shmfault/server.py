@@ -465,7 +465,7 @@ class Server:
             handoff_socket=config.handoff_socket,
             tcp=f"{config.listen_tcp.rpartition(':')[0]}:{self.tcp_port}" if self.tcp_port else "",
             state_dir=config.state_dir,
-            regions=len(self.store.list(page_size=1000)[0]),
+            regions=self.store.count,
             pid=os.getpid(),
         )
 

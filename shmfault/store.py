@@ -992,6 +992,12 @@ class RegionStore:
         self._reserved_count += 1
 
     @property
+    def count(self) -> int:
+        """The number of regions."""
+        with self._lock:
+            return self._reserved_count
+
+    @property
     def reserved_bytes(self) -> int:
         """The sum of every region's size."""
         with self._lock:
