@@ -16,6 +16,8 @@ import pytest
 from shmfault.client import Client
 
 ROOT = Path(__file__).resolve().parents[2]
+#: Every service process a test started, so none outlives its test even when the test fails.
+_SPAWNED: list[subprocess.Popen[bytes]] = []
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Service:
             self.process = subprocess.Popen(
                 self.command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT
             )
+        _SPAWNED.append(self.process)
         return self.process
 
     def start(self) -> None:
@@ -100,6 +103,16 @@ class Service:
         return "".join(
             (self.base / f"service-{n}.log").read_text() for n in range(1, self.starts + 1)
         )
+
+
+@pytest.fixture(autouse=True)
+def _no_service_survives() -> Iterator[None]:
+    yield
+    while _SPAWNED:
+        process = _SPAWNED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture
