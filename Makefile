@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: setup
-	$(BIN)/shmfault probe
+	$(BIN)/shmfault serve
 
 probe: setup
 	$(BIN)/shmfault probe

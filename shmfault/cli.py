@@ -1,19 +1,36 @@
 """The ``shmfault`` command: one subcommand per user task.
 
-Exit codes (for scripts): 0 success; 1 the command ran and the answer is "no" (``probe
---require`` found something missing) or the operation failed; 2 usage error.
+Exit codes (for scripts):
+
+- 0 success (``serve``: stopped cleanly by SIGTERM or SIGINT);
+- 1 the command ran and the answer is "no" (``probe --require`` found something missing) or
+  the operation failed (the service refused it: limits, busy region, bad source...; ``serve``:
+  could not start);
+- 2 usage error: bad command line (``serve``: bad configuration);
+- 3 not found: no region has that id or name;
+- 4 the service is unreachable (not running, wrong --target, no permission on its socket).
+
+``region`` commands print a short human form, or with ``--json`` one JSON document on stdout.
+Errors go to stderr as one line ``shmfault region CMD: ClassName: message``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shmfault.store import Region
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_UNREACHABLE = 4
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -74,11 +91,416 @@ def _run_probe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _size(text: str) -> int:
+    from shmfault.store import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"not KEY=VALUE: {text!r}")
+    return key, value
+
+
+def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the region service (gRPC on a unix socket)",
+        description="Run the region service until SIGTERM or SIGINT. Every setting has a "
+        "default (docs/operations.md); the config file's settings override the defaults, "
+        "flags override both.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML config file to read "
+        "(default: /etc/shmfault/config.toml as root, "
+        "$XDG_CONFIG_HOME/shmfault/config.toml otherwise, when present)",
+    )
+    parser.add_argument("--runtime-dir", metavar="DIR", help="directory of the sockets")
+    parser.add_argument("--state-dir", metavar="DIR", help="directory of the region database")
+    parser.add_argument(
+        "--socket", metavar="PATH", help="gRPC unix socket (default: RUNTIME_DIR/shmfault.sock)"
+    )
+    parser.add_argument(
+        "--handoff-socket",
+        metavar="PATH",
+        help="lazy-attach socket (default: RUNTIME_DIR/handoff.sock)",
+    )
+    parser.add_argument(
+        "--listen-tcp",
+        metavar="HOST:PORT",
+        help="also serve gRPC on TCP (unauthenticated: bind to a trusted address)",
+    )
+    parser.add_argument(
+        "--group",
+        metavar="NAME",
+        help="make the directories 0750 and the "
+        "socket 0660, owned by this group, so its members can connect",
+    )
+    parser.add_argument(
+        "--max-region-bytes", type=_size, metavar="SIZE", help="largest region (default 64GiB)"
+    )
+    parser.add_argument(
+        "--max-total-bytes",
+        type=_size,
+        metavar="SIZE",
+        help="sum of the sizes of all regions (default 256GiB)",
+    )
+    parser.add_argument(
+        "--max-regions", type=int, metavar="N", help="number of regions (default 10000)"
+    )
+    parser.add_argument(
+        "--shm-prefix",
+        metavar="PREFIX",
+        help="POSIX shm names are /PREFIX.REGION_ID (default shmfault)",
+    )
+    parser.add_argument(
+        "--source-root",
+        action="append",
+        dest="source_roots",
+        metavar="DIR",
+        help="allow file sources only under DIR (repeatable; default: any "
+        "file the service can read)",
+    )
+    parser.add_argument(
+        "--log-format", choices=["kv", "json"], help="key=value (default) or JSON lines"
+    )
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--grace",
+        type=float,
+        dest="grace_seconds",
+        metavar="SECONDS",
+        help="time in-flight RPCs get to finish at shutdown (default 10)",
+    )
+    parser.add_argument("--workers", type=int, metavar="N", help="RPC worker threads (default 16)")
+    parser.add_argument(
+        "--no-probe-round-trips",
+        action="store_false",
+        default=None,
+        dest="probe_round_trips",
+        help="probe the kernel at startup without faulting real pages",
+    )
+    parser.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+    from pathlib import Path
+
+    from shmfault import server
+
+    try:
+        settings: dict[str, object] = {}
+        config_file = Path(args.config) if args.config else server.default_config_file()
+        if args.config or config_file.exists():
+            settings.update(server.load_config_file(config_file))
+        for item in fields(server.ServerConfig):
+            value = getattr(args, item.name, None)
+            if value is not None:
+                settings[item.name] = tuple(value) if isinstance(value, list) else value
+        config = server.ServerConfig(**settings)  # type: ignore[arg-type]
+        return server.serve(config)
+    except server.ConfigError as exc:
+        print(f"shmfault serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except server.StartupError as exc:
+        print(f"shmfault serve: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _add_region(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "region",
+        help="create, list, show, delete, read and write regions",
+        description="Drive the region service. Exit codes: 0 ok, 1 failed, 2 usage, "
+        "3 not found, 4 service unreachable.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--target",
+        metavar="SOCKET|HOST:PORT",
+        help="the service (default: "
+        "$SHMFAULT_SOCKET or the local runtime directory's shmfault.sock)",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    commands = parser.add_subparsers(dest="region_command", required=True, metavar="COMMAND")
+
+    create = commands.add_parser(
+        "create",
+        parents=[common],
+        help="create a region",
+        description="Create a region; prints it with its single-use attach token.",
+    )
+    create.add_argument(
+        "size", type=_size, help="bytes, a multiple of the page size (4096, 64K, 2MiB, 64G)"
+    )
+    create.add_argument(
+        "--backing",
+        choices=["memfd", "posix-shm", "hugetlb"],
+        default="memfd",
+        help="default memfd",
+    )
+    source = create.add_mutually_exclusive_group()
+    source.add_argument(
+        "--file",
+        metavar="PATH",
+        help="source: this file, read on demand (path as the service sees it)",
+    )
+    source.add_argument("--clone", metavar="REGION", help="source: another region's bytes")
+    source.add_argument("--bytes", action="store_true", help="source: zeros, to be written")
+    create.add_argument(
+        "--file-offset",
+        type=_size,
+        default=0,
+        metavar="SIZE",
+        help="where in --file the region starts (default 0)",
+    )
+    create.add_argument("--name", default="", help="unique name")
+    create.add_argument(
+        "--label",
+        type=_label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="label (repeatable)",
+    )
+    create.add_argument("--eager", action="store_true", help="fill every page now")
+    create.set_defaults(handler=_run_region_create)
+
+    ls = commands.add_parser("ls", parents=[common], help="list regions")
+    ls.add_argument(
+        "--label",
+        type=_label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only regions with this label (repeatable)",
+    )
+    ls.set_defaults(handler=_run_region_ls)
+
+    show = commands.add_parser("show", parents=[common], help="describe a region")
+    show.add_argument("region", help="id or name")
+    show.set_defaults(handler=_run_region_show)
+
+    rm = commands.add_parser("rm", parents=[common], help="delete regions")
+    rm.add_argument("regions", nargs="+", metavar="region", help="id or name")
+    rm.add_argument("--force", action="store_true", help="delete even while attached")
+    rm.set_defaults(handler=_run_region_rm)
+
+    read = commands.add_parser(
+        "read",
+        parents=[common],
+        help="read bytes of a region",
+        description="Write a region's bytes to stdout or --output "
+        "(raw; with --json, base64 in a JSON document).",
+    )
+    read.add_argument("region", help="id or name")
+    read.add_argument("--offset", type=_size, default=0, metavar="SIZE")
+    read.add_argument(
+        "--length",
+        type=_size,
+        default=0,
+        metavar="SIZE",
+        help="bytes to read (default: to the end)",
+    )
+    read.add_argument("--output", "-o", metavar="FILE", help="write there instead of stdout")
+    read.set_defaults(handler=_run_region_read)
+
+    write = commands.add_parser(
+        "write",
+        parents=[common],
+        help="write bytes into a region",
+        description="Write stdin, --input FILE or --data TEXT into a region at --offset.",
+    )
+    write.add_argument("region", help="id or name")
+    write.add_argument("--offset", type=_size, default=0, metavar="SIZE")
+    data = write.add_mutually_exclusive_group()
+    data.add_argument("--input", "-i", metavar="FILE", help="read the bytes from FILE")
+    data.add_argument("--data", metavar="TEXT", help="the bytes, as UTF-8 text")
+    write.set_defaults(handler=_run_region_write)
+
+
+def _human_size(size: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return f"{size}B"
+
+
+def _print_region(region: Region) -> None:
+    for key, value in region.to_dict().items():
+        shown = value
+        if isinstance(value, dict):
+            shown = " ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        print(f"{key:16} {shown}")
+
+
+def _region_call(args: argparse.Namespace, action: Callable[[Any], int]) -> int:
+    from shmfault.client import Client
+    from shmfault.errors import RegionNotFoundError, RequestError, ServiceUnavailableError
+
+    error: Exception
+    try:
+        with Client(args.target) as client:
+            return action(client)
+    except RegionNotFoundError as exc:
+        code, error = EXIT_NOT_FOUND, exc
+    except ServiceUnavailableError as exc:
+        code, error = EXIT_UNREACHABLE, exc
+    except RequestError as exc:
+        code, error = EXIT_FAILED, exc
+    except OSError as exc:
+        code, error = EXIT_FAILED, exc
+    print(
+        f"shmfault region {args.region_command}: {type(error).__name__}: {error}", file=sys.stderr
+    )
+    return code
+
+
+def _emit(args: argparse.Namespace, document: object, human: Callable[[], None]) -> None:
+    if args.json:
+        json.dump(document, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        human()
+
+
+def _run_region_create(args: argparse.Namespace) -> int:
+    from shmfault.store import Source, SourceKind
+
+    if args.file_offset and not args.file:
+        print("shmfault region create: --file-offset needs --file", file=sys.stderr)
+        return EXIT_USAGE
+    if args.file:
+        source = Source.of_file(os.path.abspath(args.file), args.file_offset)
+    elif args.clone:
+        source = Source.of_region(args.clone)
+    else:
+        source = Source(SourceKind.BYTES if args.bytes else SourceKind.ZERO)
+
+    def action(client: Any) -> int:
+        region = client.create_region(
+            args.size,
+            backing=args.backing,
+            source=source,
+            name=args.name,
+            labels=dict(args.label),
+            fill_policy="eager" if args.eager else "lazy",
+        )
+        _emit(args, region.to_dict(), lambda: _print_region(region))
+        return EXIT_OK
+
+    return _region_call(args, action)
+
+
+def _run_region_ls(args: argparse.Namespace) -> int:
+    def action(client: Any) -> int:
+        regions = client.list_regions(dict(args.label))
+
+        def table() -> None:
+            print(f"{'ID':13}  {'NAME':20}  {'SIZE':>9}  {'BACKING':9}  {'FILLED':>9}  SOURCE")
+            for r in regions:
+                flags = " (reset)" if r.content_reset else ""
+                print(
+                    f"{r.id:13}  {r.name or '-':20}  {_human_size(r.size):>9}  "
+                    f"{r.backing.value:9}  {_human_size(r.allocated_bytes):>9}  "
+                    f"{r.source.describe()}{flags}"
+                )
+
+        _emit(args, [r.to_dict() for r in regions], table)
+        return EXIT_OK
+
+    return _region_call(args, action)
+
+
+def _run_region_show(args: argparse.Namespace) -> int:
+    def action(client: Any) -> int:
+        region = client.get_region(args.region)
+        _emit(args, region.to_dict(), lambda: _print_region(region))
+        return EXIT_OK
+
+    return _region_call(args, action)
+
+
+def _run_region_rm(args: argparse.Namespace) -> int:
+    def action(client: Any) -> int:
+        for ref in args.regions:
+            client.delete_region(ref, force=args.force)
+            if not args.json:
+                print(f"deleted {ref}")
+        if args.json:
+            _emit(args, {"deleted": args.regions}, lambda: None)
+        return EXIT_OK
+
+    return _region_call(args, action)
+
+
+def _run_region_read(args: argparse.Namespace) -> int:
+    import base64
+
+    def action(client: Any) -> int:
+        pieces = client.iter_read(args.region, args.offset, args.length)
+        if args.json:
+            data = b"".join(pieces)
+            _emit(
+                args,
+                {
+                    "region": args.region,
+                    "offset": args.offset,
+                    "length": len(data),
+                    "data_base64": base64.b64encode(data).decode(),
+                },
+                lambda: None,
+            )
+            return EXIT_OK
+        if args.output:
+            with open(args.output, "wb") as out:
+                for piece in pieces:
+                    out.write(piece)
+        else:
+            for piece in pieces:
+                sys.stdout.buffer.write(piece)
+            sys.stdout.buffer.flush()
+        return EXIT_OK
+
+    return _region_call(args, action)
+
+
+def _run_region_write(args: argparse.Namespace) -> int:
+    if args.data is not None:
+        data = args.data.encode()
+    elif args.input:
+        with open(args.input, "rb") as source:
+            data = source.read()
+    else:
+        data = sys.stdin.buffer.read()
+
+    def action(client: Any) -> int:
+        written = client.write(args.region, args.offset, data)
+        _emit(
+            args,
+            {"region": args.region, "offset": args.offset, "bytes_written": written},
+            lambda: print(f"wrote {written} bytes at {args.offset}"),
+        )
+        return EXIT_OK
+
+    return _region_call(args, action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="shmfault", description="Lazy shared memory service.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_probe(subparsers)
+    _add_serve(subparsers)
+    _add_region(subparsers)
     return parser
 
 

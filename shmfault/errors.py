@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -142,3 +143,94 @@ class EventDecodeError(ShmfaultError):
 def errno_of(exc: OSError) -> int:
     """The errno of an OSError raised by a system call (EIO for the rare one built without)."""
     return exc.errno if exc.errno is not None else _errno.EIO
+
+
+class RequestError(ShmfaultError):
+    """A request to the region service was refused or failed; the message names the value at
+    fault, ``field`` the argument that carried it (``"size"``, ``"source.file.path"``; empty
+    when no single argument is to blame).
+
+    The service maps each subclass to one gRPC status code (``shmfault.service``); the client
+    library maps the status back to the same class, so callers catch these on both sides.
+    """
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.field))
+
+
+class InvalidArgumentError(RequestError, ValueError):
+    """An argument is malformed or out of range (INVALID_ARGUMENT)."""
+
+
+class RegionNotFoundError(RequestError, LookupError):
+    """No region has that id or name (NOT_FOUND)."""
+
+
+class AlreadyExistsError(RequestError):
+    """The name is taken by another region (ALREADY_EXISTS)."""
+
+
+class QuotaExceededError(RequestError):
+    """A configured limit would be exceeded; nothing was allocated (RESOURCE_EXHAUSTED)."""
+
+
+class HugePagesUnavailableError(QuotaExceededError):
+    """Not enough free huge pages for a hugetlb region (RESOURCE_EXHAUSTED)."""
+
+
+class RegionBusyError(RequestError):
+    """The region is in use: attached, or the source of another region (FAILED_PRECONDITION)."""
+
+
+class SourceUnavailableError(RequestError):
+    """A region's source can no longer provide its bytes, e.g. the file shrank
+    (FAILED_PRECONDITION)."""
+
+
+class PermissionDeniedError(RequestError):
+    """The service may not do that for this caller, e.g. read a file outside the allowed source
+    directories (PERMISSION_DENIED)."""
+
+
+class ServiceUnavailableError(RequestError):
+    """The service cannot be reached, or cannot provide that now (UNAVAILABLE)."""
+
+
+class ServiceInternalError(RequestError):
+    """The service failed in a way no other class describes (INTERNAL, UNKNOWN, ...)."""
+
+
+class ProtocolError(ShmfaultError):
+    """The handoff protocol (``docs/protocol.md``) was broken, by this side or by the peer."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This process misused the handoff protocol: a value that cannot be encoded, or a message or
+    call that is not allowed in the connection's state. A bug in the caller; nothing was sent and
+    the connection's state did not change."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the handoff protocol.
+
+    ``code`` is the protocol's error code for it (a :class:`shmfault.protocol.ErrorCode`),
+    ``message`` says what was wrong, naming the field at fault. ``fds_to_close`` lists every fd
+    that arrived with the bad message: nobody else will close them, the caller must.
+    """
+
+    def __init__(self, code: int, message: str, fds_to_close: Iterable[int] = ()) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fds_to_close = list(fds_to_close)
+
+    def __str__(self) -> str:
+        name = getattr(self.code, "name", None) or str(int(self.code))
+        return f"{name}: {self.message}"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.code, self.message, self.fds_to_close))

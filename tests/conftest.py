@@ -1,4 +1,5 @@
-"""Shared fixtures: real mappings, userfaultfd handles and the threads that touch them.
+"""Shared fixtures: real mappings, userfaultfd handles and the threads that touch them; POSIX
+shm names and huge pages that are given back after the test.
 
 Everything a test makes through ``lab`` is undone after it, in the one order that cannot hang:
 close the handles (which wakes every thread blocked on their faults), join the threads, and only
@@ -7,13 +8,17 @@ then unmap the memory and close the files.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
+import secrets
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import posix_ipc
 import pytest
 
 from shmfault import _libc
@@ -176,3 +181,50 @@ def require(offered: Feature) -> Callable[[Feature], None]:
             pytest.skip(f"the kernel does not offer Feature.{feature.name}")
 
     return check
+
+
+HUGEPAGES_2M = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
+
+
+@pytest.fixture
+def shm_prefix() -> Iterator[str]:
+    """A POSIX shm name prefix of this test alone; every object under it is unlinked after."""
+    prefix = f"shmfault-test-{secrets.token_hex(4)}"
+    yield prefix
+    for entry in os.listdir("/dev/shm"):
+        if entry.startswith(prefix + "."):
+            with contextlib.suppress(posix_ipc.ExistentialError):
+                posix_ipc.unlink_shared_memory("/" + entry)
+
+
+@pytest.fixture
+def huge_pages() -> Iterator[int]:
+    """Reserve 4 huge pages of 2 MiB for the test (root only), restoring the old count after.
+    Skips where that is impossible."""
+    try:
+        old = int(HUGEPAGES_2M.read_text())
+    except (OSError, ValueError):
+        pytest.skip("no 2 MiB hugetlb pool on this kernel")
+    if os.geteuid() != 0:
+        pytest.skip("reserving huge pages needs root (writes nr_hugepages)")
+    try:
+        HUGEPAGES_2M.write_text(str(old + 4))
+    except OSError as exc:
+        pytest.skip(f"cannot reserve huge pages: {exc}")
+    try:
+        free = int((HUGEPAGES_2M.parent / "free_hugepages").read_text())
+        if free < 4:
+            pytest.skip(f"the kernel gave only {free} free huge pages")
+        yield 4
+    finally:
+        HUGEPAGES_2M.write_text(str(old))
+
+
+def no_free_huge_pages() -> bool:
+    """True when the default hugetlb pool has no free page (the refusal can be tested)."""
+    try:
+        free = int((HUGEPAGES_2M.parent / "free_hugepages").read_text())
+        reserved = int((HUGEPAGES_2M.parent / "resv_hugepages").read_text())
+    except (OSError, ValueError):
+        return False
+    return free - reserved == 0

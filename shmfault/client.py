@@ -1,0 +1,228 @@
+"""The Python library of the region service::
+
+    from shmfault import Client, Source
+
+    with Client() as client:                     # the local service's unix socket
+        region = client.create_region(64 << 20, source=Source.of_file("/snapshots/vm.mem"))
+        client.write(region.id, 0, b"hello")
+        assert client.read(region.id, 0, 5) == b"hello"
+        client.delete_region(region.id)
+
+Every method blocks until the service answers (no deadline unless ``timeout`` is given) and
+raises only shmfault's own exceptions (:mod:`shmfault.errors`): the class the service raised,
+never ``grpc.RpcError``. An unreachable service is :class:`ServiceUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from types import TracebackType
+from typing import Self, TypeVar
+
+import grpc
+
+from shmfault.errors import InvalidArgumentError, RequestError, ServiceUnavailableError
+from shmfault.memory import CHUNK_BYTES, BackingKind
+from shmfault.server import MAX_MESSAGE_BYTES, default_socket_path
+from shmfault.service import (
+    BACKING_TO_PROTO,
+    FILL_TO_PROTO,
+    exception_for,
+    region_from_proto,
+    source_to_proto,
+)
+from shmfault.store import FillPolicy, Region, Source
+from shmfault.v1 import shmfault_pb2 as pb
+from shmfault.v1 import shmfault_pb2_grpc as pb_grpc
+
+__all__ = ["Client", "Region", "Source"]
+
+_T = TypeVar("_T")
+_UINT64_END = 1 << 64
+
+
+def resolve_target(target: str | os.PathLike[str] | None) -> str:
+    """The gRPC target for ``target``: None is the local socket (``$SHMFAULT_SOCKET`` or the
+    runtime directory's), a path is a unix socket, ``HOST:PORT`` or ``unix:...`` as given."""
+    if target is None:
+        return f"unix:{default_socket_path()}"
+    text = os.fspath(target)
+    if text.startswith(("/", "./", "../")) or isinstance(target, os.PathLike):
+        return f"unix:{os.path.abspath(text)}"
+    return text
+
+
+def _uint64(value: int, name: str) -> int:
+    if not 0 <= value < _UINT64_END:
+        raise InvalidArgumentError(f"{name} {value} does not fit an unsigned 64-bit integer", name)
+    return value
+
+
+class Client:
+    """A connection to the region service. Use as a context manager (or call :meth:`close`).
+
+    Connecting is lazy: an unreachable service is reported by the first call.
+    """
+
+    def __init__(
+        self, target: str | os.PathLike[str] | None = None, *, timeout: float | None = None
+    ) -> None:
+        self.target = resolve_target(target)
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(
+            self.target,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._stub = pb_grpc.ShmfaultStub(self._channel)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection. Idempotent."""
+        self._channel.close()
+
+    def _call(self, function: Callable[[], _T]) -> _T:
+        try:
+            return function()
+        except grpc.RpcError as exc:
+            raise self._translate(exc) from None
+
+    def _translate(self, exc: grpc.RpcError) -> RequestError:
+        call: grpc.Call = exc  # type: ignore[assignment]
+        code = call.code()
+        details = call.details() or ""
+        error = exception_for(code, details, call.trailing_metadata() or ())
+        if isinstance(error, ServiceUnavailableError) and code == grpc.StatusCode.UNAVAILABLE:
+            return ServiceUnavailableError(
+                f"cannot reach the shmfault service at {self.target}: {details}"
+            )
+        return error
+
+    def create_region(
+        self,
+        size: int,
+        *,
+        backing: BackingKind | str = BackingKind.MEMFD,
+        source: Source | None = None,
+        name: str = "",
+        labels: Mapping[str, str] | None = None,
+        fill_policy: FillPolicy | str = FillPolicy.LAZY,
+    ) -> Region:
+        """Create a region of ``size`` bytes (a multiple of the backing's page size) and return
+        it, with its single-use ``attach_token``. Blocks for the eager fill when
+        ``fill_policy="eager"``. Raises InvalidArgumentError, AlreadyExistsError,
+        QuotaExceededError, HugePagesUnavailableError, RegionNotFoundError (source region),
+        PermissionDeniedError (source file), ServiceUnavailableError."""
+        try:
+            backing_kind = BackingKind(backing)
+            policy = FillPolicy(fill_policy)
+        except ValueError as exc:
+            raise InvalidArgumentError(str(exc), "backing") from None
+        if source is not None:
+            _uint64(source.offset, "source.file.offset")
+        request = pb.CreateRegionRequest(
+            size=_uint64(size, "size"),
+            backing=BACKING_TO_PROTO[backing_kind],
+            source=source_to_proto(source or Source()),
+            name=name,
+            labels=dict(labels or {}),
+            fill_policy=FILL_TO_PROTO[policy],
+        )
+        response = self._call(lambda: self._stub.CreateRegion(request, timeout=self.timeout))
+        return region_from_proto(response.region, response.attach_token)
+
+    def get_region(self, region: str) -> Region:
+        """The region with id or name ``region``. Raises RegionNotFoundError."""
+        request = pb.GetRegionRequest(region=region)
+        return region_from_proto(
+            self._call(lambda: self._stub.GetRegion(request, timeout=self.timeout))
+        )
+
+    def iter_regions(
+        self, labels: Mapping[str, str] | None = None, page_size: int = 0
+    ) -> Iterator[Region]:
+        """Every region carrying all of ``labels``, in id order, fetched a page at a time as
+        the iteration goes."""
+        token = ""
+        while True:
+            request = pb.ListRegionsRequest(
+                labels=dict(labels or {}), page_size=page_size, page_token=token
+            )
+            response = self._list_page(request)
+            yield from (region_from_proto(r) for r in response.regions)
+            token = response.next_page_token
+            if not token:
+                return
+
+    def _list_page(self, request: pb.ListRegionsRequest) -> pb.ListRegionsResponse:
+        return self._call(lambda: self._stub.ListRegions(request, timeout=self.timeout))
+
+    def list_regions(self, labels: Mapping[str, str] | None = None) -> list[Region]:
+        """Every region carrying all of ``labels``, in id order (all pages)."""
+        return list(self.iter_regions(labels))
+
+    def delete_region(self, region: str, *, force: bool = False) -> None:
+        """Delete a region. Raises RegionNotFoundError; RegionBusyError while it is attached
+        (unless ``force``) or the source of another region."""
+        request = pb.DeleteRegionRequest(region=region, force=force)
+        self._call(lambda: self._stub.DeleteRegion(request, timeout=self.timeout))
+
+    def iter_read(self, region: str, offset: int = 0, length: int = 0) -> Iterator[bytes]:
+        """The bytes of ``[offset, offset + length)`` (``length`` 0: to the end) in pieces of
+        at most 1 MiB, as the service streams them."""
+        request = pb.ReadRegionRequest(
+            region=region, offset=_uint64(offset, "offset"), length=_uint64(length, "length")
+        )
+        stream = self._call(lambda: self._stub.ReadRegion(request, timeout=self.timeout))
+        try:
+            for piece in stream:
+                yield piece.data
+        except grpc.RpcError as exc:
+            raise self._translate(exc) from None
+
+    def read(self, region: str, offset: int = 0, length: int = 0) -> bytes:
+        """The bytes of ``[offset, offset + length)`` (``length`` 0: to the end of the
+        region). Unfilled pages are filled from the source by the service. Raises
+        RegionNotFoundError, InvalidArgumentError (range), SourceUnavailableError."""
+        return b"".join(self.iter_read(region, offset, length))
+
+    def write(self, region: str, offset: int, data: bytes | memoryview) -> int:
+        """Write ``data`` at ``offset``, streamed in 1 MiB chunks; returns the bytes written.
+        Raises RegionNotFoundError, InvalidArgumentError (range), QuotaExceededError."""
+        _uint64(offset, "offset")
+        view = memoryview(data).cast("B")
+
+        def chunks() -> Iterator[pb.WriteRegionRequest]:
+            yield pb.WriteRegionRequest(
+                region=region, offset=offset, data=bytes(view[:CHUNK_BYTES])
+            )
+            for start in range(CHUNK_BYTES, len(view), CHUNK_BYTES):
+                yield pb.WriteRegionRequest(
+                    offset=offset + start, data=bytes(view[start : start + CHUNK_BYTES])
+                )
+
+        response = self._call(lambda: self._stub.WriteRegion(chunks(), timeout=self.timeout))
+        return response.bytes_written
+
+    def capabilities(self) -> dict[str, object]:
+        """The service kernel's capabilities report (the ``shmfault probe --json`` document),
+        as taken when the service started. Raises ServiceUnavailableError when the service
+        has none."""
+        request = pb.GetCapabilitiesRequest()
+        response = self._call(lambda: self._stub.GetCapabilities(request, timeout=self.timeout))
+        report: dict[str, object] = json.loads(response.capabilities_json)
+        return report

@@ -1,0 +1,329 @@
+"""The gRPC servicer of ``shmfault.v1.Shmfault``: protobuf in, :mod:`shmfault.store` calls,
+protobuf out. Thin on purpose: validation and behaviour live in the store.
+
+One table, :data:`STATUS_OF`, maps every shmfault exception class to its gRPC status code; the
+client library reads it backwards. Besides the code and message, a failed call carries two
+trailing metadata entries: ``shmfault-error`` (the exception class name, so the client raises
+exactly that class) and ``shmfault-field`` (the request field at fault, when there is one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NoReturn
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from shmfault import errors, store
+from shmfault.memory import BackingKind
+from shmfault.v1 import shmfault_pb2 as pb
+from shmfault.v1 import shmfault_pb2_grpc as pb_grpc
+
+_log = logging.getLogger("shmfault.service")
+
+ERROR_CLASS_KEY = "shmfault-error"
+ERROR_FIELD_KEY = "shmfault-field"
+
+#: The one error -> status table. Order matters only in that a subclass is looked up through
+#: its MRO, so the most specific entry wins.
+STATUS_OF: dict[type[errors.RequestError], grpc.StatusCode] = {
+    errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.RegionNotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    errors.QuotaExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.HugePagesUnavailableError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.RegionBusyError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SourceUnavailableError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    errors.ServiceUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    errors.ServiceInternalError: grpc.StatusCode.INTERNAL,
+}
+
+#: The class a client raises for a status code when the metadata names no known class.
+DEFAULT_CLASS_OF: dict[grpc.StatusCode, type[errors.RequestError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgumentError,
+    grpc.StatusCode.OUT_OF_RANGE: errors.InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: errors.RegionNotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExistsError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.QuotaExceededError,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.RegionBusyError,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDeniedError,
+    grpc.StatusCode.UNAUTHENTICATED: errors.PermissionDeniedError,
+    grpc.StatusCode.UNAVAILABLE: errors.ServiceUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.ServiceUnavailableError,
+    grpc.StatusCode.CANCELLED: errors.ServiceUnavailableError,
+}
+
+_CLASS_BY_NAME: dict[str, type[errors.RequestError]] = {cls.__name__: cls for cls in STATUS_OF}
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a failed RPC answers for ``exc``. Anything that is not a
+    RequestError is a bug or an unexpected kernel failure: INTERNAL, naming its type."""
+    if isinstance(exc, errors.RequestError):
+        for cls in type(exc).__mro__:
+            code = STATUS_OF.get(cls)
+            if code is not None:
+                return code, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def exception_for(
+    code: grpc.StatusCode, message: str, metadata: Sequence[tuple[str, str | bytes]] = ()
+) -> errors.RequestError:
+    """The shmfault exception a client raises for a failed call (the inverse of
+    :func:`status_of`): the class the metadata names if it is one of ours and maps to the same
+    code, else the default class of the code, else ServiceInternalError."""
+    entries = {key: value for key, value in metadata}
+    field = entries.get(ERROR_FIELD_KEY, "")
+    name = entries.get(ERROR_CLASS_KEY, "")
+    field = field.decode() if isinstance(field, bytes) else field
+    name = name.decode() if isinstance(name, bytes) else name
+    cls = _CLASS_BY_NAME.get(name)
+    if cls is None or STATUS_OF[cls] != code:
+        cls = DEFAULT_CLASS_OF.get(code, errors.ServiceInternalError)
+    if cls is errors.ServiceInternalError and code != grpc.StatusCode.INTERNAL:
+        message = f"{code.name}: {message}"
+    return cls(message, field)
+
+
+def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> NoReturn:
+    code, message = status_of(exc)
+    metadata: list[tuple[str, str]] = [(ERROR_CLASS_KEY, type(exc).__name__)]
+    field = getattr(exc, "field", "")
+    if field:
+        metadata.append((ERROR_FIELD_KEY, field))
+    level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
+    _log.log(
+        level,
+        "rpc_failed",
+        exc_info=code == grpc.StatusCode.INTERNAL,
+        extra={"fields": {"method": method, "code": code.name, "message": message}},
+    )
+    context.set_trailing_metadata(tuple(metadata))
+    context.abort(code, message)
+
+
+# -- proto <-> store -------------------------------------------------------------------------
+
+_BACKING_FROM_PROTO = {
+    pb.BACKING_UNSPECIFIED: BackingKind.MEMFD,
+    pb.BACKING_MEMFD: BackingKind.MEMFD,
+    pb.BACKING_POSIX_SHM: BackingKind.POSIX_SHM,
+    pb.BACKING_HUGETLB: BackingKind.HUGETLB,
+}
+BACKING_TO_PROTO = {
+    BackingKind.MEMFD: pb.BACKING_MEMFD,
+    BackingKind.POSIX_SHM: pb.BACKING_POSIX_SHM,
+    BackingKind.HUGETLB: pb.BACKING_HUGETLB,
+}
+_FILL_FROM_PROTO = {
+    pb.FILL_POLICY_UNSPECIFIED: store.FillPolicy.LAZY,
+    pb.FILL_POLICY_LAZY: store.FillPolicy.LAZY,
+    pb.FILL_POLICY_EAGER: store.FillPolicy.EAGER,
+}
+FILL_TO_PROTO = {
+    store.FillPolicy.LAZY: pb.FILL_POLICY_LAZY,
+    store.FillPolicy.EAGER: pb.FILL_POLICY_EAGER,
+}
+
+
+def backing_from_proto(value: int) -> BackingKind:
+    """The backing a request names. Raises InvalidArgumentError for a value not in the enum."""
+    try:
+        return _BACKING_FROM_PROTO[value]  # type: ignore[index]
+    except KeyError:
+        raise errors.InvalidArgumentError(
+            f"backing {value} is not a known Backing", "backing"
+        ) from None
+
+
+def fill_policy_from_proto(value: int) -> store.FillPolicy:
+    """The fill policy a request names. Raises InvalidArgumentError for an unknown value."""
+    try:
+        return _FILL_FROM_PROTO[value]  # type: ignore[index]
+    except KeyError:
+        raise errors.InvalidArgumentError(
+            f"fill_policy {value} is not a known FillPolicy", "fill_policy"
+        ) from None
+
+
+def source_from_proto(message: pb.Source) -> store.Source:
+    """The store's Source for a request's source (unset: zero)."""
+    kind = message.WhichOneof("kind")
+    if kind == "file":
+        return store.Source(store.SourceKind.FILE, message.file.path, message.file.offset)
+    if kind == "region":
+        return store.Source(store.SourceKind.REGION, region=message.region.region)
+    if kind == "bytes":
+        return store.Source(store.SourceKind.BYTES)
+    return store.Source(store.SourceKind.ZERO)
+
+
+def source_to_proto(source: store.Source) -> pb.Source:
+    """The protobuf form of a Source."""
+    if source.kind is store.SourceKind.FILE:
+        return pb.Source(file=pb.FileSource(path=source.path, offset=source.offset))
+    if source.kind is store.SourceKind.REGION:
+        return pb.Source(region=pb.RegionSource(region=source.region))
+    if source.kind is store.SourceKind.BYTES:
+        return pb.Source(bytes=pb.BytesSource())
+    return pb.Source(zero=pb.ZeroSource())
+
+
+def region_to_proto(region: store.Region) -> pb.Region:
+    """The protobuf form of a Region (the attach token is never part of it)."""
+    created = Timestamp()
+    created.FromNanoseconds(int(region.created * 1e9))
+    return pb.Region(
+        id=region.id,
+        name=region.name,
+        size=region.size,
+        page_size=region.page_size,
+        backing=BACKING_TO_PROTO[region.backing],
+        source=source_to_proto(region.source),
+        labels=dict(region.labels),
+        fill_policy=FILL_TO_PROTO[region.fill_policy],
+        shm_name=region.shm_name,
+        handoff_socket=region.handoff_socket,
+        created=created,
+        allocated_bytes=region.allocated_bytes,
+        attachments=region.attachments,
+        content_reset=region.content_reset,
+    )
+
+
+def region_from_proto(message: pb.Region, attach_token: str = "") -> store.Region:
+    """The Region a protobuf Region describes (for the client library)."""
+    return store.Region(
+        id=message.id,
+        size=message.size,
+        page_size=message.page_size,
+        backing=_BACKING_FROM_PROTO.get(message.backing, BackingKind.MEMFD),
+        source=source_from_proto(message.source),
+        fill_policy=_FILL_FROM_PROTO.get(message.fill_policy, store.FillPolicy.LAZY),
+        name=message.name,
+        labels=dict(message.labels),
+        shm_name=message.shm_name,
+        handoff_socket=message.handoff_socket,
+        created=message.created.ToNanoseconds() / 1e9,
+        allocated_bytes=message.allocated_bytes,
+        attachments=message.attachments,
+        content_reset=message.content_reset,
+        attach_token=attach_token,
+    )
+
+
+# -- the servicer ----------------------------------------------------------------------------
+
+
+class ShmfaultService(pb_grpc.ShmfaultServicer):
+    """``shmfault.v1.Shmfault`` over a RegionStore. Each method blocks its gRPC worker thread
+    for as long as the store call takes (eager fills, disk reads of file sources)."""
+
+    def __init__(
+        self, regions: store.RegionStore, capabilities: Callable[[], Mapping[str, object]]
+    ) -> None:
+        self._store = regions
+        self._capabilities = capabilities
+
+    def CreateRegion(
+        self, request: pb.CreateRegionRequest, context: grpc.ServicerContext
+    ) -> pb.CreateRegionResponse:
+        """See the proto."""
+        try:
+            region = self._store.create(
+                request.size,
+                backing=backing_from_proto(request.backing),
+                source=source_from_proto(request.source),
+                name=request.name,
+                labels=dict(request.labels),
+                fill_policy=fill_policy_from_proto(request.fill_policy),
+            )
+            return pb.CreateRegionResponse(
+                region=region_to_proto(region), attach_token=region.attach_token
+            )
+        except Exception as exc:
+            _abort(context, "CreateRegion", exc)
+
+    def GetRegion(self, request: pb.GetRegionRequest, context: grpc.ServicerContext) -> pb.Region:
+        """See the proto."""
+        try:
+            return region_to_proto(self._store.get(request.region))
+        except Exception as exc:
+            _abort(context, "GetRegion", exc)
+
+    def ListRegions(
+        self, request: pb.ListRegionsRequest, context: grpc.ServicerContext
+    ) -> pb.ListRegionsResponse:
+        """See the proto."""
+        try:
+            regions, next_token = self._store.list(
+                dict(request.labels), request.page_size, request.page_token
+            )
+            return pb.ListRegionsResponse(
+                regions=[region_to_proto(r) for r in regions], next_page_token=next_token
+            )
+        except Exception as exc:
+            _abort(context, "ListRegions", exc)
+
+    def DeleteRegion(
+        self, request: pb.DeleteRegionRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteRegionResponse:
+        """See the proto."""
+        try:
+            self._store.delete(request.region, force=request.force)
+            return pb.DeleteRegionResponse()
+        except Exception as exc:
+            _abort(context, "DeleteRegion", exc)
+
+    def WriteRegion(
+        self, request_iterator: Iterator[pb.WriteRegionRequest], context: grpc.ServicerContext
+    ) -> pb.WriteRegionResponse:
+        """See the proto. Chunks are applied as they arrive; on failure the chunks before the
+        failing one stay written, and the message says how many bytes that was."""
+        written = 0
+        region = ""
+        try:
+            for chunk in request_iterator:
+                if not region:
+                    region = chunk.region
+                    if not region:
+                        raise errors.InvalidArgumentError(
+                            "the first WriteRegion message must name the region", "region"
+                        )
+                elif chunk.region and chunk.region != region:
+                    raise errors.InvalidArgumentError(
+                        f"WriteRegion stream for {region!r} names another region {chunk.region!r}",
+                        "region",
+                    )
+                self._store.write(region, chunk.offset, chunk.data)
+                written += len(chunk.data)
+            return pb.WriteRegionResponse(bytes_written=written)
+        except Exception as exc:
+            if written and isinstance(exc, errors.RequestError):
+                exc = type(exc)(f"{exc} (after {written} bytes were written)", exc.field)
+            _abort(context, "WriteRegion", exc)
+
+    def ReadRegion(
+        self, request: pb.ReadRegionRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ReadRegionResponse]:
+        """See the proto. Streams pieces of at most 1 MiB."""
+        try:
+            for offset, data in self._store.read(request.region, request.offset, request.length):
+                yield pb.ReadRegionResponse(offset=offset, data=data)
+        except Exception as exc:
+            _abort(context, "ReadRegion", exc)
+
+    def GetCapabilities(
+        self, request: pb.GetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> pb.GetCapabilitiesResponse:
+        """See the proto. The report is the one taken at startup, not a new probe."""
+        try:
+            report = self._capabilities()
+            return pb.GetCapabilitiesResponse(capabilities_json=json.dumps(report))
+        except Exception as exc:
+            _abort(context, "GetCapabilities", exc)

@@ -1,0 +1,1015 @@
+"""RegionStore: the regions of one service, their sources, limits, lifecycle and metadata.
+
+Plain Python, no gRPC: the servicer translates protobuf to the dataclasses here and back.
+
+Metadata lives in an SQLite database in the state directory; each change is one transaction.
+A region whose backing outlives the process (posix-shm) is written in two steps around its
+side effects: the row is inserted as ``creating`` before the /dev/shm object is made and marked
+``ready`` after; deletion marks it ``deleting`` before unlinking. A crash between the steps
+leaves a row that the next start finishes (unlinks the object, deletes the row), so neither a
+leaked /dev/shm object nor a resurrected deleted region can result, and no other service's
+objects are ever swept.
+
+On restart every ``ready`` region is listed again. memfd and hugetlb content cannot survive the
+process: those regions are recreated empty, i.e. with their source's content, and reported with
+``content_reset`` (and a log line). A posix-shm region reopens its object by name, so its
+written pages stay written and are never refilled from the source.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import enum
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from shmfault import memory
+from shmfault.errors import (
+    AlreadyExistsError,
+    HugePagesUnavailableError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    QuotaExceededError,
+    RegionBusyError,
+    RegionNotFoundError,
+    RequestError,
+    SourceUnavailableError,
+)
+from shmfault.memory import BackingKind, RegionBacking
+
+_log = logging.getLogger("shmfault.store")
+
+GiB = 1 << 30
+#: Largest value a size may have anywhere: ftruncate takes an off_t, SQLite a signed 64-bit.
+MAX_SIZE = (1 << 63) - 1
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+MAX_NAME_LENGTH = 128
+MAX_LABELS = 64
+MAX_LABEL_KEY_LENGTH = 63
+MAX_LABEL_VALUE_LENGTH = 256
+DATABASE_NAME = "regions.sqlite3"
+
+_NO_ROOM_ERRNOS = (errno.ENOMEM, errno.ENOSPC, errno.EMFILE, errno.ENFILE)
+_ID_PATTERN = re.compile(r"r[0-9a-f]{12}")
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+_LABEL_KEY_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?")
+_SHM_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+_SIZE_PATTERN = re.compile(r"\s*(\d+)\s*(?:([KMGTP])(?:iB|B)?|B)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from a size as users write it: ``4096``, ``4K``, ``64GiB``, ``2M``. Units are
+    powers of 1024 (``G`` and ``GiB`` alike: memory is counted in pages). Raises ValueError."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE_PATTERN.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (examples: 4096, 4K, 2MiB, 64G)")
+    return int(match.group(1)) << _SIZE_UNITS[(match.group(2) or "").upper()]
+
+
+def log_event(level: int, event: str, **fields: object) -> None:
+    """Log one event of the store: ``event`` is the message, ``fields`` its key-value pairs
+    (the server's formatter writes them as key=value or JSON)."""
+    _log.log(level, event, extra={"fields": fields})
+
+
+class SourceKind(enum.StrEnum):
+    """Where the bytes of a page come from before anyone writes it."""
+
+    ZERO = "zero"
+    FILE = "file"
+    REGION = "region"
+    BYTES = "bytes"
+
+
+class FillPolicy(enum.StrEnum):
+    """When pages are filled from the source."""
+
+    LAZY = "lazy"
+    EAGER = "eager"
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A region's source. ``path``/``offset`` for a file, ``region`` (an id, once created;
+    an id or a name in a request) for a region."""
+
+    kind: SourceKind = SourceKind.ZERO
+    path: str = ""
+    offset: int = 0
+    region: str = ""
+
+    @classmethod
+    def of_file(cls, path: str | os.PathLike[str], offset: int = 0) -> Source:
+        """The bytes of the file at ``path`` (absolute, as the service sees it) from
+        ``offset`` on."""
+        return cls(SourceKind.FILE, path=os.fspath(path), offset=offset)
+
+    @classmethod
+    def of_region(cls, region: str) -> Source:
+        """The current bytes of the region with id or name ``region`` (a clone)."""
+        return cls(SourceKind.REGION, region=region)
+
+    def describe(self) -> str:
+        """One word or path for logs and tables: ``zero``, ``file:/p@4096``, ``region:r…``."""
+        if self.kind is SourceKind.FILE:
+            return f"file:{self.path}@{self.offset}"
+        if self.kind is SourceKind.REGION:
+            return f"region:{self.region}"
+        return self.kind.value
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """What a region is, as of the call that returned it."""
+
+    id: str
+    size: int
+    page_size: int
+    backing: BackingKind
+    source: Source
+    fill_policy: FillPolicy
+    name: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    #: POSIX shm name (with its leading '/') of a posix-shm region, else "".
+    shm_name: str = ""
+    #: Unix socket where a client attaches to the region (lazy-attach protocol).
+    handoff_socket: str = ""
+    #: Creation time, seconds since the epoch.
+    created: float = 0.0
+    #: Memory the backing holds now.
+    allocated_bytes: int = 0
+    attachments: int = 0
+    #: The content did not survive the last restart: pages read as the source again.
+    content_reset: bool = False
+    #: Single-use attach secret: set only on the Region that creation returns.
+    attach_token: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-able dict (the CLI's ``--json`` form)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "size": self.size,
+            "page_size": self.page_size,
+            "backing": self.backing.value,
+            "source": {
+                "kind": self.source.kind.value,
+                **(
+                    {"path": self.source.path, "offset": self.source.offset}
+                    if self.source.kind is SourceKind.FILE
+                    else {}
+                ),
+                **({"region": self.source.region} if self.source.kind is SourceKind.REGION else {}),
+            },
+            "fill_policy": self.fill_policy.value,
+            "labels": dict(self.labels),
+            "shm_name": self.shm_name,
+            "handoff_socket": self.handoff_socket,
+            "created": self.created,
+            "allocated_bytes": self.allocated_bytes,
+            "attachments": self.attachments,
+            "content_reset": self.content_reset,
+            **({"attach_token": self.attach_token} if self.attach_token else {}),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What the store refuses to exceed. Sizes count the regions' declared sizes (address
+    space promised), not the memory filled so far: a sparse region still reserves its size."""
+
+    max_region_bytes: int = 64 * GiB
+    max_total_bytes: int = 256 * GiB
+    max_regions: int = 10_000
+
+    def check(self) -> None:
+        """Raise InvalidArgumentError unless every limit is positive and representable."""
+        for name in ("max_region_bytes", "max_total_bytes", "max_regions"):
+            value = getattr(self, name)
+            if not 0 < value <= MAX_SIZE:
+                raise InvalidArgumentError(f"limit {name} must be in 1..{MAX_SIZE}: {value}", name)
+
+
+class FileContent:
+    """A regular file read on demand with pread, from ``offset`` on. Holds the file open, so
+    a rename or replacement of the path does not change what the region reads."""
+
+    zero = False
+
+    def __init__(self, fd: int, path: str, offset: int) -> None:
+        self._fd = fd
+        self.path = path
+        self.offset = offset
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The file's bytes for region bytes ``[offset, offset + length)``. Blocks on disk.
+        Raises SourceUnavailableError when the file has shrunk below them."""
+        pieces = []
+        position = self.offset + offset
+        while length > 0:
+            piece = os.pread(self._fd, length, position)
+            if not piece:
+                raise SourceUnavailableError(
+                    f"source file {self.path} ends at {position}, before the bytes the region "
+                    f"needs at {position}+{length}: it shrank after the region was created",
+                    "source.file.path",
+                )
+            pieces.append(piece)
+            position += len(piece)
+            length -= len(piece)
+        return b"".join(pieces)
+
+    def close(self) -> None:
+        """Close the file. Idempotent."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class RegionContent:
+    """Another region's current bytes, read (without filling that region) at fill time."""
+
+    zero = False
+
+    def __init__(self, source: RegionBacking) -> None:
+        self.source = source
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The source region's current bytes. Blocks on its lock."""
+        return self.source.peek(offset, length)
+
+    def close(self) -> None:
+        """Nothing to release: the source region belongs to the store."""
+
+
+class UnavailableContent:
+    """The content of a region whose source was lost while the service was down."""
+
+    zero = False
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Always raises SourceUnavailableError."""
+        raise SourceUnavailableError(self.reason, "source")
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    region: Region
+    data: RegionBacking
+    attachments: int = 0
+    dependents: set[str] = field(default_factory=set)
+    token_hashes: set[bytes] = field(default_factory=set)
+
+
+def _token_hash(token: str) -> bytes:
+    # Kept hashed: a dict lookup is not constant-time, but on a hash it leaks nothing usable.
+    return hashlib.sha256(token.encode()).digest()
+
+
+def validate_name(name: str) -> None:
+    """Raise InvalidArgumentError unless ``name`` is a valid region name (empty is valid: no
+    name)."""
+    if not name:
+        return
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidArgumentError(
+            f"name is {len(name)} characters long; at most {MAX_NAME_LENGTH} allowed", "name"
+        )
+    if not _NAME_PATTERN.fullmatch(name) or ".." in name or name == ".":
+        raise InvalidArgumentError(
+            f"name {name!r} is invalid: only letters, digits, '.', '_' and '-', and neither "
+            "'.' alone nor '..' (no '/', no NUL)",
+            "name",
+        )
+    if _ID_PATTERN.fullmatch(name):
+        raise InvalidArgumentError(
+            f"name {name!r} has the shape of a region id ('r' and 12 hex digits)", "name"
+        )
+
+
+def validate_labels(labels: Mapping[str, str]) -> None:
+    """Raise InvalidArgumentError unless every label key and value is valid."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgumentError(f"{len(labels)} labels; at most {MAX_LABELS}", "labels")
+    for key, value in labels.items():
+        if len(key) > MAX_LABEL_KEY_LENGTH or not _LABEL_KEY_PATTERN.fullmatch(key):
+            raise InvalidArgumentError(
+                f"label key {key!r} is invalid: 1-{MAX_LABEL_KEY_LENGTH} letters, digits, "
+                "'.', '_', '-', '/', starting and ending with a letter or digit",
+                "labels",
+            )
+        if len(value) > MAX_LABEL_VALUE_LENGTH or not value.isprintable():
+            raise InvalidArgumentError(
+                f"label {key}: value {value[:40]!r} is invalid: at most "
+                f"{MAX_LABEL_VALUE_LENGTH} printable characters",
+                "labels",
+            )
+
+
+def _check_range(region: Region, offset: int, length: int) -> None:
+    if offset < 0 or length < 0:
+        raise InvalidArgumentError(f"negative offset {offset} or length {length}", "offset")
+    if offset > region.size or length > region.size - offset:
+        raise InvalidArgumentError(
+            f"range {offset}+{length} is past the end of region {region.id} ({region.size} bytes)",
+            "offset" if offset > region.size else "length",
+        )
+
+
+def _encode_page_token(after_id: str) -> str:
+    return base64.urlsafe_b64encode(f"after:{after_id}".encode()).decode().rstrip("=")
+
+
+def _decode_page_token(token: str) -> str:
+    try:
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        text = ""
+    after_id = text.removeprefix("after:")
+    if not text.startswith("after:") or not _ID_PATTERN.fullmatch(after_id):
+        raise InvalidArgumentError(
+            f"page_token {token[:40]!r} is not one this service issued", "page_token"
+        )
+    return after_id
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS regions (
+    id            TEXT PRIMARY KEY,
+    name          TEXT UNIQUE,
+    size          INTEGER NOT NULL,
+    page_size     INTEGER NOT NULL,
+    backing       TEXT NOT NULL,
+    shm_name      TEXT NOT NULL,
+    source_kind   TEXT NOT NULL,
+    source_path   TEXT NOT NULL,
+    source_offset INTEGER NOT NULL,
+    source_region TEXT NOT NULL,
+    fill_policy   TEXT NOT NULL,
+    labels        TEXT NOT NULL,
+    created       REAL NOT NULL,
+    state         TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'deleting'))
+)
+"""
+_SCHEMA_VERSION = 1
+
+
+class RegionStore:
+    """Every region of one service. Thread-safe: metadata changes are serialised by one lock
+    (held only for bookkeeping and one SQLite transaction, never for data), data calls by each
+    region's own lock.
+
+    Opening restores the regions of ``state_dir``'s database (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        limits: Limits | None = None,
+        handoff_socket: str = "",
+        shm_prefix: str = "shmfault",
+        source_roots: tuple[str, ...] = (),
+    ) -> None:
+        """Open (creating if needed) the database in ``state_dir`` and restore its regions.
+
+        Blocks for the restore: reopening posix-shm objects, recreating memfd backings and
+        refilling eager regions whose content was reset. ``source_roots``, when not empty,
+        restricts file sources to files under those directories. Raises InvalidArgumentError
+        for bad limits or prefix, sqlite3.Error when the database is unusable.
+        """
+        self.limits = limits or Limits()
+        self.limits.check()
+        if not _SHM_PREFIX_PATTERN.fullmatch(shm_prefix):
+            raise InvalidArgumentError(f"shm prefix {shm_prefix!r} is invalid", "shm_prefix")
+        self.handoff_socket = handoff_socket
+        self.shm_prefix = shm_prefix
+        self.source_roots = tuple(os.path.realpath(root) for root in source_roots)
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+        self._names: dict[str, str] = {}
+        self._reserved_bytes = 0
+        self._reserved_count = 0
+        self._db = sqlite3.connect(
+            state_dir / DATABASE_NAME, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA synchronous = FULL")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, _SCHEMA_VERSION):
+            raise InvalidArgumentError(
+                f"{state_dir / DATABASE_NAME} has schema version {version}; this service "
+                f"knows {_SCHEMA_VERSION}",
+                "state_dir",
+            )
+        with self._transaction():
+            self._db.execute(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        self._restore()
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _lookup(self, ref: str, field_name: str = "region") -> _Entry:
+        """The entry of ``ref`` (id or name); caller holds the lock."""
+        if not ref:
+            raise InvalidArgumentError(
+                f"{field_name} is empty: give a region id or name", field_name
+            )
+        region_id = ref if _ID_PATTERN.fullmatch(ref) else self._names.get(ref, "")
+        entry = self._entries.get(region_id)
+        if entry is None:
+            raise RegionNotFoundError(f"no region {ref!r}", field_name)
+        return entry
+
+    def _snapshot(self, entry: _Entry) -> Region:
+        # Called without the store lock: allocated_bytes waits for the region's own lock.
+        return replace(
+            entry.region,
+            allocated_bytes=entry.data.allocated_bytes(),
+            attachments=entry.attachments,
+            labels=dict(entry.region.labels),
+        )
+
+    def _new_id(self) -> str:
+        while True:
+            region_id = "r" + secrets.token_hex(6)
+            if region_id not in self._entries:
+                return region_id
+
+    # -- sources ---------------------------------------------------------------------------
+
+    def _open_file(self, path: str, offset: int, size: int) -> FileContent:
+        if not os.path.isabs(path):
+            raise InvalidArgumentError(
+                f"source file path {path!r} is not absolute", "source.file.path"
+            )
+        try:
+            # O_NONBLOCK: opening a FIFO must not hang the RPC; checked to be regular below.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        except FileNotFoundError as exc:
+            raise InvalidArgumentError(
+                f"source file {path} does not exist", "source.file.path"
+            ) from exc
+        except PermissionError as exc:
+            raise PermissionDeniedError(
+                f"the service may not read source file {path}", "source.file.path"
+            ) from exc
+        except OSError as exc:
+            raise InvalidArgumentError(
+                f"source file {path} cannot be opened: {exc.strerror}", "source.file.path"
+            ) from exc
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise InvalidArgumentError(
+                    f"source file {path} is not a regular file", "source.file.path"
+                )
+            if self.source_roots:
+                # The path the descriptor really has, after every symlink: no race with a
+                # symlink swapped in between a check and the open.
+                real = os.readlink(f"/proc/self/fd/{fd}")
+                if not any(
+                    real == root or real.startswith(root.rstrip("/") + "/")
+                    for root in self.source_roots
+                ):
+                    raise PermissionDeniedError(
+                        f"source file {path} ({real}) is outside the allowed source "
+                        f"directories {', '.join(self.source_roots)}",
+                        "source.file.path",
+                    )
+            if offset > info.st_size or size > info.st_size - offset:
+                raise InvalidArgumentError(
+                    f"source file {path} has {info.st_size} bytes: offset {offset} + size "
+                    f"{size} is past its end",
+                    "source.file.offset" if offset > info.st_size else "size",
+                )
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return FileContent(fd, path, offset)
+
+    def _content_for(self, source: Source, size: int) -> tuple[memory.Content, Source, str]:
+        """Validate ``source`` for a region of ``size`` bytes; returns its content, the source
+        as stored (a region source by id), and the id it depends on. Caller holds the lock."""
+        if source.kind is SourceKind.FILE:
+            return self._open_file(source.path, source.offset, size), source, ""
+        if source.kind is SourceKind.REGION:
+            entry = self._lookup(source.region, "source.region")
+            if size > entry.region.size:
+                raise InvalidArgumentError(
+                    f"source region {entry.region.id} has {entry.region.size} bytes, fewer "
+                    f"than the {size} asked for",
+                    "size",
+                )
+            return (
+                RegionContent(entry.data),
+                replace(source, region=entry.region.id),
+                entry.region.id,
+            )
+        return memory.ZeroContent(), Source(source.kind), ""
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def create(
+        self,
+        size: int,
+        *,
+        backing: BackingKind = BackingKind.MEMFD,
+        source: Source | None = None,
+        name: str = "",
+        labels: Mapping[str, str] | None = None,
+        fill_policy: FillPolicy = FillPolicy.LAZY,
+    ) -> Region:
+        """Create a region and return it with a fresh single-use ``attach_token``.
+
+        Sizes are refused, never rounded, unless a non-zero multiple of the backing's page
+        size. Limits are checked before anything is allocated. Blocks for the eager fill
+        (proportional to size) with ``FillPolicy.EAGER``, otherwise briefly.
+
+        Raises InvalidArgumentError (size, name, labels, source), AlreadyExistsError (name),
+        RegionNotFoundError (source region), PermissionDeniedError (source file),
+        QuotaExceededError / HugePagesUnavailableError (limits, huge pages, kernel memory).
+        """
+        source = source or Source()
+        labels = dict(labels or {})
+        validate_name(name)
+        validate_labels(labels)
+        page_size = memory.page_size_of(backing)
+        if page_size == 0:
+            raise InvalidArgumentError("this kernel has no hugetlb support", "backing")
+        if size <= 0:
+            raise InvalidArgumentError(f"size {size} is not positive", "size")
+        if size % page_size:
+            raise InvalidArgumentError(
+                f"size {size} is not a multiple of the {backing.value} page size {page_size} "
+                f"(sizes are never rounded: ask for {size - size % page_size} or "
+                f"{size - size % page_size + page_size})",
+                "size",
+            )
+        with self._lock:
+            if size > self.limits.max_region_bytes:
+                raise QuotaExceededError(
+                    f"size {size} exceeds the limit max_region_bytes "
+                    f"{self.limits.max_region_bytes}",
+                    "size",
+                )
+            if self._reserved_count + 1 > self.limits.max_regions:
+                raise QuotaExceededError(
+                    f"the service holds {self._reserved_count} regions, the limit max_regions "
+                    f"is {self.limits.max_regions}",
+                )
+            if self._reserved_bytes + size > self.limits.max_total_bytes:
+                raise QuotaExceededError(
+                    f"size {size} on top of the {self._reserved_bytes} bytes of existing "
+                    f"regions exceeds the limit max_total_bytes {self.limits.max_total_bytes}",
+                    "size",
+                )
+            if name and name in self._names:
+                raise AlreadyExistsError(
+                    f"name {name!r} is taken by region {self._names[name]}", "name"
+                )
+            content, stored_source, depends_on = self._content_for(source, size)
+            region_id = self._new_id()
+            # Reserved under the lock, so concurrent creations cannot together pass a limit.
+            self._reserved_bytes += size
+            self._reserved_count += 1
+            if name:
+                self._names[name] = region_id
+            if depends_on:
+                self._entries[depends_on].dependents.add(region_id)
+        shm_name = f"/{self.shm_prefix}.{region_id}" if backing is BackingKind.POSIX_SHM else ""
+        region = Region(
+            id=region_id,
+            size=size,
+            page_size=page_size,
+            backing=backing,
+            source=stored_source,
+            fill_policy=fill_policy,
+            name=name,
+            labels=labels,
+            shm_name=shm_name,
+            handoff_socket=self.handoff_socket,
+            created=time.time(),
+        )
+        data: RegionBacking | None = None
+        try:
+            if backing is BackingKind.HUGETLB:
+                available, figures = memory.available_huge_pages(page_size)
+                if size // page_size > available:
+                    raise HugePagesUnavailableError(
+                        f"a hugetlb region of {size} bytes needs {size // page_size} huge pages "
+                        f"of {page_size} bytes; only {available} are free ({figures})",
+                        "size",
+                    )
+            with self._lock, self._transaction() as db:
+                self._insert(db, region, "creating")
+            data = RegionBacking(
+                region_id,
+                memory.Backing.create(backing, size, f"shmfault:{region_id}", shm_name),
+                content,
+            )
+            if fill_policy is FillPolicy.EAGER:
+                data.fill_all()
+            token = secrets.token_urlsafe(32)
+            with self._lock:
+                with self._transaction() as db:
+                    db.execute("UPDATE regions SET state = 'ready' WHERE id = ?", (region_id,))
+                entry = _Entry(region, data, token_hashes={_token_hash(token)})
+                self._entries[region_id] = entry
+        except OSError as exc:
+            self._abort_create(region, content if data is None else None, data, depends_on)
+            if isinstance(exc, RequestError) or exc.errno not in _NO_ROOM_ERRNOS:
+                raise
+            raise QuotaExceededError(
+                f"the kernel refused a backing of {size} bytes: {exc.strerror}", "size"
+            ) from exc
+        except BaseException:
+            self._abort_create(region, content if data is None else None, data, depends_on)
+            raise
+        log_event(
+            logging.INFO,
+            "region_created",
+            id=region_id,
+            name=name,
+            size=size,
+            backing=backing.value,
+            source=stored_source.describe(),
+            fill_policy=fill_policy.value,
+        )
+        return replace(self._snapshot(entry), attach_token=token)
+
+    def _abort_create(
+        self,
+        region: Region,
+        content: memory.Content | None,
+        data: RegionBacking | None,
+        depends_on: str,
+    ) -> None:
+        if data is not None:
+            data.close()
+        elif content is not None:
+            content.close()
+        if region.shm_name:
+            memory.unlink_posix_shm(region.shm_name)
+        with self._lock:
+            with contextlib.suppress(sqlite3.Error), self._transaction() as db:
+                db.execute("DELETE FROM regions WHERE id = ?", (region.id,))
+            self._reserved_bytes -= region.size
+            self._reserved_count -= 1
+            if region.name:
+                self._names.pop(region.name, None)
+            if depends_on in self._entries:
+                self._entries[depends_on].dependents.discard(region.id)
+
+    def _insert(self, db: sqlite3.Connection, region: Region, state: str) -> None:
+        db.execute(
+            "INSERT INTO regions (id, name, size, page_size, backing, shm_name, source_kind, "
+            "source_path, source_offset, source_region, fill_policy, labels, created, state) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                region.id,
+                region.name or None,
+                region.size,
+                region.page_size,
+                region.backing.value,
+                region.shm_name,
+                region.source.kind.value,
+                region.source.path,
+                region.source.offset,
+                region.source.region,
+                region.fill_policy.value,
+                json.dumps(dict(region.labels), sort_keys=True),
+                region.created,
+                state,
+            ),
+        )
+
+    def get(self, ref: str) -> Region:
+        """The region with id or name ``ref``. Does not block. Raises RegionNotFoundError,
+        InvalidArgumentError (empty ref)."""
+        with self._lock:
+            entry = self._lookup(ref)
+        return self._snapshot(entry)
+
+    def list(
+        self,
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[Region], str]:
+        """One page of the regions carrying every label of ``labels``, in id order, and the
+        token of the next page ("" after the last). ``page_size`` 0 means 100; more than 1000
+        means 1000. Does not block. Raises InvalidArgumentError for a token not issued here."""
+        wanted = dict(labels or {})
+        if page_size < 0:
+            raise InvalidArgumentError(f"page_size {page_size} is negative", "page_size")
+        limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _decode_page_token(page_token) if page_token else ""
+        with self._lock:
+            matching = sorted(
+                region_id
+                for region_id, entry in self._entries.items()
+                if region_id > after
+                and all(entry.region.labels.get(k) == v for k, v in wanted.items())
+            )
+            entries = [self._entries[i] for i in matching[:limit]]
+        page = [self._snapshot(entry) for entry in entries]
+        next_token = _encode_page_token(page[-1].id) if len(matching) > limit else ""
+        return page, next_token
+
+    def delete(self, ref: str, force: bool = False) -> Region:
+        """Delete a region: forget it, unlink its posix-shm name, close its backing (waiting
+        for a data call running on it). Returns it as it was.
+
+        Raises RegionNotFoundError; RegionBusyError while another region uses it as its
+        source, or while attached unless ``force``.
+        """
+        with self._lock:
+            entry = self._lookup(ref)
+            region = entry.region
+            if entry.dependents:
+                raise RegionBusyError(
+                    f"region {region.id} is the source of region(s) "
+                    f"{', '.join(sorted(entry.dependents))}: delete them first",
+                    "region",
+                )
+            if entry.attachments and not force:
+                raise RegionBusyError(
+                    f"region {region.id} has {entry.attachments} attachment(s); force to "
+                    "delete it anyway",
+                    "region",
+                )
+            with self._transaction() as db:
+                db.execute("UPDATE regions SET state = 'deleting' WHERE id = ?", (region.id,))
+            del self._entries[region.id]
+            if region.name:
+                del self._names[region.name]
+            if region.source.kind is SourceKind.REGION and region.source.region in self._entries:
+                self._entries[region.source.region].dependents.discard(region.id)
+            self._reserved_bytes -= region.size
+            self._reserved_count -= 1
+        snapshot = replace(self._snapshot(entry), attachments=entry.attachments)
+        entry.data.close()
+        if region.shm_name:
+            memory.unlink_posix_shm(region.shm_name)
+        with self._lock, self._transaction() as db:
+            db.execute("DELETE FROM regions WHERE id = ?", (region.id,))
+        log_event(
+            logging.INFO,
+            "region_deleted",
+            id=region.id,
+            forced=force,
+            attachments=entry.attachments,
+        )
+        return snapshot
+
+    # -- data ------------------------------------------------------------------------------
+
+    def data(self, ref: str) -> RegionBacking:
+        """The data path of a region (for the fault engine and the servicer). Raises
+        RegionNotFoundError."""
+        with self._lock:
+            return self._lookup(ref).data
+
+    def read(
+        self, ref: str, offset: int, length: int, chunk: int = memory.CHUNK_BYTES
+    ) -> Iterator[tuple[int, bytes]]:
+        """Validate now, then iterate over ``(offset, bytes)`` pieces of at most ``chunk``
+        bytes of ``[offset, offset + length)`` (``length`` 0: to the end), filling unfilled
+        pages from the source as it goes. Each piece blocks on the source.
+
+        Raises RegionNotFoundError, InvalidArgumentError (range) at once; the iterator raises
+        SourceUnavailableError, QuotaExceededError, or RegionNotFoundError if the region is
+        deleted meanwhile.
+        """
+        with self._lock:
+            entry = self._lookup(ref)
+        if length == 0 and 0 <= offset <= entry.region.size:
+            length = entry.region.size - offset
+        _check_range(entry.region, offset, length)
+        return self._pieces(entry.data, offset, length, chunk)
+
+    @staticmethod
+    def _pieces(
+        data: RegionBacking, offset: int, length: int, chunk: int
+    ) -> Iterator[tuple[int, bytes]]:
+        end = offset + length
+        for position in range(offset, end, chunk):
+            yield position, data.read(position, min(chunk, end - position))
+
+    def write(self, ref: str, offset: int, data: bytes | memoryview) -> None:
+        """Write ``data`` at ``offset`` (partly covered edge pages are filled from the source
+        first). Blocks on the source and the region's lock. Raises RegionNotFoundError,
+        InvalidArgumentError (range), QuotaExceededError, SourceUnavailableError."""
+        with self._lock:
+            entry = self._lookup(ref)
+        _check_range(entry.region, offset, len(data))
+        entry.data.write(offset, data)
+
+    # -- attachments (used by the lazy-attach handoff) -------------------------------------
+
+    def issue_token(self, ref: str) -> str:
+        """A fresh single-use attach token for the region. Raises RegionNotFoundError."""
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            self._lookup(ref).token_hashes.add(_token_hash(token))
+        return token
+
+    def redeem_token(self, region_id: str, token: str) -> RegionBacking:
+        """Consume ``token`` of region ``region_id`` and count one attachment; the caller must
+        call :meth:`detach` when it ends. Raises RegionNotFoundError, PermissionDeniedError
+        (unknown or used token)."""
+        with self._lock:
+            entry = self._lookup(region_id)
+            digest = _token_hash(token)
+            if digest not in entry.token_hashes:
+                raise PermissionDeniedError(
+                    f"attach token is not valid for region {entry.region.id} (unknown or used)",
+                    "token",
+                )
+            entry.token_hashes.discard(digest)
+            entry.attachments += 1
+            return entry.data
+
+    def detach(self, region_id: str) -> None:
+        """Count one attachment of ``region_id`` as ended (no-op once the region is gone)."""
+        with self._lock:
+            entry = self._entries.get(region_id)
+            if entry is not None and entry.attachments > 0:
+                entry.attachments -= 1
+
+    # -- restore and shutdown --------------------------------------------------------------
+
+    def _restore(self) -> None:
+        rows = self._db.execute(
+            "SELECT id, name, size, page_size, backing, shm_name, source_kind, source_path, "
+            "source_offset, source_region, fill_policy, labels, created, state FROM regions "
+            "ORDER BY created, id"
+        ).fetchall()
+        for row in rows:
+            (
+                region_id,
+                name,
+                size,
+                page_size,
+                backing,
+                shm_name,
+                source_kind,
+                source_path,
+                source_offset,
+                source_region,
+                fill_policy,
+                labels,
+                created,
+                state,
+            ) = row
+            if state != "ready":
+                # A crash interrupted its creation or deletion: finish by removing it.
+                if shm_name:
+                    memory.unlink_posix_shm(shm_name)
+                with self._transaction() as db:
+                    db.execute("DELETE FROM regions WHERE id = ?", (region_id,))
+                log_event(
+                    logging.WARNING,
+                    "region_cleaned",
+                    id=region_id,
+                    state=state,
+                    reason="interrupted by a crash",
+                )
+                continue
+            region = Region(
+                id=region_id,
+                size=size,
+                page_size=page_size,
+                backing=BackingKind(backing),
+                source=Source(SourceKind(source_kind), source_path, source_offset, source_region),
+                fill_policy=FillPolicy(fill_policy),
+                name=name or "",
+                labels=json.loads(labels),
+                shm_name=shm_name,
+                handoff_socket=self.handoff_socket,
+                created=created,
+            )
+            try:
+                self._restore_one(region)
+            except (OSError, RequestError) as exc:
+                if shm_name:
+                    memory.unlink_posix_shm(shm_name)
+                with self._transaction() as db:
+                    db.execute("DELETE FROM regions WHERE id = ?", (region_id,))
+                log_event(logging.ERROR, "region_dropped", id=region_id, reason=str(exc))
+
+    def _restore_one(self, region: Region) -> None:
+        content: memory.Content
+        source = region.source
+        if source.kind is SourceKind.FILE:
+            try:
+                content = self._open_file(source.path, source.offset, region.size)
+            except RequestError as exc:
+                content = UnavailableContent(f"source file of region {region.id}: {exc}")
+                log_event(logging.WARNING, "source_unavailable", id=region.id, reason=str(exc))
+        elif source.kind is SourceKind.REGION:
+            origin = self._entries.get(source.region)
+            if origin is None:
+                content = UnavailableContent(
+                    f"source region {source.region} of region {region.id} did not survive "
+                    "the restart"
+                )
+            else:
+                content = RegionContent(origin.data)
+        else:
+            content = memory.ZeroContent()
+        backing = None
+        if region.backing is BackingKind.POSIX_SHM:
+            backing = memory.Backing.open_posix_shm(region.shm_name, region.size)
+        reset = backing is None
+        if backing is None:
+            if region.shm_name:
+                memory.unlink_posix_shm_if_ours(region.shm_name)
+            try:
+                backing = memory.Backing.create(
+                    region.backing, region.size, f"shmfault:{region.id}", region.shm_name
+                )
+            except BaseException:
+                content.close()
+                raise
+        data = RegionBacking(region.id, backing, content)
+        if reset:
+            log_event(
+                logging.WARNING,
+                "region_reset",
+                id=region.id,
+                backing=region.backing.value,
+                reason="its content did not survive the restart; it reads as its source again",
+            )
+            if region.fill_policy is FillPolicy.EAGER:
+                try:
+                    data.fill_all()
+                except (OSError, RequestError) as exc:
+                    log_event(logging.ERROR, "eager_fill_failed", id=region.id, reason=str(exc))
+        self._entries[region.id] = _Entry(replace(region, content_reset=reset), data)
+        if source.kind is SourceKind.REGION and source.region in self._entries:
+            self._entries[source.region].dependents.add(region.id)
+        if region.name:
+            self._names[region.name] = region.id
+        self._reserved_bytes += region.size
+        self._reserved_count += 1
+
+    @property
+    def count(self) -> int:
+        """The number of regions."""
+        with self._lock:
+            return self._reserved_count
+
+    @property
+    def reserved_bytes(self) -> int:
+        """The sum of every region's size."""
+        with self._lock:
+            return self._reserved_bytes
+
+    def close(self) -> None:
+        """Close every backing and the database; posix-shm objects stay. Waits for running
+        data calls. Idempotent."""
+        with self._lock:
+            entries = list(self._entries.values())
+            self._entries.clear()
+            self._names.clear()
+        for entry in reversed(entries):
+            entry.data.close()
+        self._db.close()
