@@ -25,6 +25,7 @@ one page may allocate a 2 MiB folio and make its neighbours look filled with zer
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import fcntl
@@ -34,7 +35,7 @@ import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import posix_ipc
 
@@ -364,6 +365,11 @@ class RegionBacking:
         self.page_size = backing.page_size
         self._lock = threading.RLock()
         self._closed = False
+
+    def locked(self) -> contextlib.AbstractContextManager[Any]:
+        """The region's lock, to hold across a check of its holes and the fill that follows
+        (the fault engine's UFFDIO_COPY into the region file). Reentrant."""
+        return self._lock
 
     def _check_open(self) -> None:
         if self._closed:

@@ -221,6 +221,15 @@ class Uffd:
         the missing features, when the kernel lacks one asked for.
         """
         fd, path, umo = open_userfaultfd(user_mode_only=user_mode_only, nonblocking=nonblocking)
+        return cls.handshake(fd, features, path=path, user_mode_only=umo)
+
+    @classmethod
+    def handshake(
+        cls, fd: int, features: Feature | int, *, path: str, user_mode_only: bool
+    ) -> Self:
+        """Run the UFFDIO_API handshake on a raw fd from :func:`open_userfaultfd` and take
+        ownership of it (closed on failure). For a client that must open its userfaultfd before
+        it knows which features to ask for. Raises like :meth:`open`."""
         try:
             try:
                 _api, available, ioctls = _api_handshake(fd, int(features))
@@ -242,7 +251,7 @@ class Uffd:
             available_features=available,
             ioctls=ioctls,
             path=path,
-            user_mode_only=umo,
+            user_mode_only=user_mode_only,
         )
 
     @classmethod
