@@ -181,6 +181,20 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument("--workers", type=int, metavar="N", help="RPC worker threads (default 16)")
     parser.add_argument(
+        "--fault-around",
+        type=int,
+        dest="fault_around_pages",
+        metavar="PAGES",
+        help="pages resolved per fault, aligned block around the faulting page (default 16)",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        dest="handshake_timeout",
+        metavar="SECONDS",
+        help="time a client gets to finish the attach handshake (default 10)",
+    )
+    parser.add_argument(
         "--no-probe-round-trips",
         action="store_false",
         default=None,

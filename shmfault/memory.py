@@ -242,7 +242,10 @@ class Backing:
             yield first * self.page_size, after * self.page_size
             page = after
 
-    def _mark_filled(self, start: int, end: int) -> None:
+    def mark_filled(self, start: int, end: int) -> None:
+        """Pages [start, end) were filled from outside this object (the fault engine's
+        UFFDIO_COPY into an attached mapping). Only a bitmap-tracked backing (hugetlb) needs
+        telling: tmpfs knows its own holes."""
         if self._filled is not None:
             first, last = start // self.page_size, end // self.page_size
             self._filled[first:last] = b"\x01" * (last - first)
@@ -252,7 +255,7 @@ class Backing:
         pages filled: the caller makes sure partial pages were filled first."""
         if self._map is not None:
             self._map[offset : offset + len(data)] = data
-            self._mark_filled(
+            self.mark_filled(
                 offset - offset % self.page_size,
                 -(-(offset + len(data)) // self.page_size) * self.page_size,
             )
@@ -266,7 +269,7 @@ class Backing:
     def zero_fill(self, start: int, end: int) -> None:
         """Allocate zeroed pages for the page-aligned hole range ``[start, end)``."""
         os.posix_fallocate(self._fd, start, end - start)
-        self._mark_filled(start, end)
+        self.mark_filled(start, end)
 
     def pread(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (holes read as zeros and stay holes)."""

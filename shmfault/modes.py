@@ -59,13 +59,15 @@ TRACKING_EVENTS = Feature.EVENT_REMOVE | Feature.EVENT_UNMAP | Feature.EVENT_REM
 #: processes it never authorised; SIGBUS would turn every fault into a signal it never sees.
 FORBIDDEN_FEATURES = Feature.EVENT_FORK | Feature.SIGBUS
 
-#: The probe round trip (memory type, trip) that proves a mode works on this kernel.
-PROOF: Mapping[Mode, tuple[str, str] | None] = {
-    Mode.SHARED_COPY: ("memfd", "missing-copy"),
-    Mode.SHARED_CONTINUE: ("memfd", "minor-continue"),
-    Mode.PRIVATE_COPY: ("anonymous", "missing-copy"),
+#: The probe round trip (memory type, trip) that proves a mode works on this kernel, and the
+#: registration that stands in for it when round trips were not run.
+PROOF: Mapping[Mode, tuple[str, str, str] | None] = {
+    Mode.SHARED_COPY: ("memfd", "missing-copy", "missing"),
+    Mode.SHARED_CONTINUE: ("memfd", "minor-continue", "minor"),
+    Mode.PRIVATE_COPY: ("anonymous", "missing-copy", "missing"),
     Mode.EAGER: None,
 }
+_NOT_RUN = "not run"
 
 DESCRIPTIONS: Mapping[Mode, str] = {
     Mode.SHARED_COPY: "region fd MAP_SHARED, MISSING faults, UFFDIO_COPY into the shared file",
@@ -130,9 +132,14 @@ def kernel_support(capabilities: Mapping[str, object]) -> dict[Mode, str]:
         if proof is None:
             support[mode] = ""
             continue
-        kind, trip = proof
+        kind, trip, register_mode = proof
         try:
             result = memory[kind]["round_trips"][trip]  # type: ignore[index]
+            if not result["ok"] and str(result["reason"]).startswith(_NOT_RUN):
+                # Probed without round trips: the kernel accepting the registration is the
+                # best evidence there is.
+                result = memory[kind]["register"][register_mode]  # type: ignore[index]
+                trip = f"{register_mode} registration"
             support[mode] = "" if result["ok"] else f"{kind} {trip}: {result['reason']}"
         except (KeyError, TypeError):
             support[mode] = f"the probe report has no {kind} {trip} round trip"

@@ -687,7 +687,7 @@ def _modes(memory: dict[str, MemoryReport]) -> list[ModeReport]:
         if proof is None:
             chain.append(ModeReport(mode.wire_name, True, "needs no userfaultfd"))
             continue
-        kind, trip = proof
+        kind, trip, _register_mode = proof
         result = memory[kind].round_trips[trip]
         reason = "" if result.ok else f"{kind} {trip} round trip failed: {result.reason}"
         chain.append(ModeReport(mode.wire_name, result.ok, reason))

@@ -38,7 +38,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from shmfault import memory, probe
+from shmfault import _unix, memory, modes, probe
+from shmfault._abi import Feature
+from shmfault.engine import FaultEngine
+from shmfault.handoff import HandoffServer
 from shmfault.store import Limits, RegionStore, parse_size
 
 SOCKET_NAME = "shmfault.sock"
@@ -123,6 +126,8 @@ class ServerConfig:
     grace_seconds: float = 10.0
     workers: int = 16
     probe_round_trips: bool = True
+    fault_around_pages: int = 16
+    handshake_timeout: float = 10.0
 
     def resolved(self) -> ServerConfig:
         """This config with every default path filled in and values checked. Raises
@@ -146,6 +151,10 @@ class ServerConfig:
             raise ConfigError(f"log_level {config.log_level!r} is not debug/info/warning/error")
         if config.workers < 1 or config.grace_seconds < 0:
             raise ConfigError("workers must be at least 1 and grace_seconds not negative")
+        if not 1 <= config.fault_around_pages <= 4096:
+            raise ConfigError(f"fault_around_pages must be 1-4096, not {config.fault_around_pages}")
+        if config.handshake_timeout <= 0:
+            raise ConfigError(f"handshake_timeout must be positive, not {config.handshake_timeout}")
         for path in (config.socket, config.handoff_socket):
             if len(os.fsencode(path)) > MAX_SOCKET_PATH:
                 raise ConfigError(
@@ -360,6 +369,8 @@ class Server:
     grpc_server: Any = None
     health: Any = None
     store: RegionStore | None = None
+    engine: FaultEngine | None = None
+    handoff: HandoffServer | None = None
     tcp_port: int = 0
     _bound_socket: bool = field(default=False, repr=False)
 
@@ -404,6 +415,22 @@ class Server:
             shm_prefix=config.shm_prefix,
             source_roots=config.source_roots,
         )
+        store = self.store
+        self.engine = FaultEngine(
+            fault_around_pages=config.fault_around_pages,
+            on_end=lambda attachment: store.detach(attachment.region_id),
+        )
+        self.engine.start()
+        report = self.capabilities()
+        self.handoff = HandoffServer(
+            _unix.listen_seqpacket(config.handoff_socket),
+            self.store,
+            self.engine,
+            modes.kernel_support(report),
+            api_features=Feature(int(report["api"]["features_mask"])),  # type: ignore[index]
+            handshake_timeout=config.handshake_timeout,
+        )
+        self.handoff.start()
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -413,7 +440,7 @@ class Server:
             options=options,
         )
         shmfault_pb2_grpc.add_ShmfaultServicer_to_server(
-            ShmfaultService(self.store, self.capabilities), server
+            ShmfaultService(self.store, self.capabilities, self.engine), server
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -433,9 +460,10 @@ class Server:
         self.grpc_server = server
         self._bound_socket = True
         # The directory already keeps others out; the mode says the same to whoever looks.
-        os.chmod(socket_path, 0o660 if gid is not None else 0o600)
-        if gid is not None:
-            os.chown(socket_path, -1, gid)
+        for path in (socket_path, Path(config.handoff_socket)):
+            os.chmod(path, 0o660 if gid is not None else 0o600)
+            if gid is not None:
+                os.chown(path, -1, gid)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         _event(
@@ -454,18 +482,24 @@ class Server:
         region and the database, remove the socket. Blocks up to the grace period."""
         if self.health is not None:
             self.health.enter_graceful_shutdown()
+        if self.handoff is not None:
+            self.handoff.stop()
         if self.grpc_server is not None:
             self.grpc_server.stop(self.config.grace_seconds).wait()
+        if self.engine is not None:
+            # Attached clients keep their own userfaultfd: their unfilled pages stay blocked,
+            # never zero-filled, until they detach or the service comes back.
+            self.engine.stop()
         if self.store is not None:
             self.store.close()
         if self._bound_socket:
-            path = Path(self.config.socket)
-            try:
-                info = os.lstat(path)
-                if stat.S_ISSOCK(info.st_mode) and info.st_uid == os.geteuid():
-                    os.unlink(path)
-            except FileNotFoundError:
-                pass
+            for path in (Path(self.config.socket), Path(self.config.handoff_socket)):
+                try:
+                    info = os.lstat(path)
+                    if stat.S_ISSOCK(info.st_mode) and info.st_uid == os.geteuid():
+                        os.unlink(path)
+                except FileNotFoundError:
+                    pass
         _event(logging.INFO, "stopped", pid=os.getpid())
 
 

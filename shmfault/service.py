@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -220,15 +220,67 @@ def region_from_proto(message: pb.Region, attach_token: str = "") -> store.Regio
 # -- the servicer ----------------------------------------------------------------------------
 
 
+class Attachments(Protocol):
+    """The fault engine as the servicer sees it."""
+
+    def attachments(self, region_id: str | None = None) -> list[dict[str, Any]]:
+        """GetStats data (``FaultEngine.attachments``)."""
+        ...
+
+    def end_region(self, region_id: str, reason: str) -> None:
+        """End every attachment of the region and wait until they are gone."""
+        ...
+
+
+def _timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def attachment_to_proto(data: Mapping[str, Any]) -> pb.AttachmentStats:
+    """GetStats' message for one ``FaultEngine.attachments()`` entry."""
+    stats = data["stats"]
+    counters = {
+        name: int(value)
+        for name, value in stats.items()
+        if isinstance(value, int) and not name.startswith("latency")
+    }
+    return pb.AttachmentStats(
+        attachment_id=data["attachment_id"],
+        region_id=data["region_id"],
+        mode=data["mode"],
+        pid=data["pid"],
+        uid=data["uid"],
+        base=data["base"],
+        length=data["length"],
+        region_offset=data["region_offset"],
+        started=_timestamp(data["started"]),
+        ended=_timestamp(data["ended"]),
+        end_reason=data["end_reason"],
+        counters=counters,
+        latency=[
+            pb.LatencyBucket(le_ns=bucket["le_ns"] or 0, count=bucket["count"])
+            for bucket in stats["latency_histogram"]
+        ],
+    )
+
+
 class ShmfaultService(pb_grpc.ShmfaultServicer):
     """``shmfault.v1.Shmfault`` over a RegionStore. Each method blocks its gRPC worker thread
     for as long as the store call takes (eager fills, disk reads of file sources)."""
 
     def __init__(
-        self, regions: store.RegionStore, capabilities: Callable[[], Mapping[str, object]]
+        self,
+        regions: store.RegionStore,
+        capabilities: Callable[[], Mapping[str, object]],
+        attachments: Attachments | None = None,
     ) -> None:
         self._store = regions
         self._capabilities = capabilities
+        self._attachments = attachments
 
     def CreateRegion(
         self, request: pb.CreateRegionRequest, context: grpc.ServicerContext
@@ -275,6 +327,9 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> pb.DeleteRegionResponse:
         """See the proto."""
         try:
+            if request.force and self._attachments is not None:
+                region_id = self._store.get(request.region).id
+                self._attachments.end_region(region_id, "the region was deleted (forced)")
             self._store.delete(request.region, force=request.force)
             return pb.DeleteRegionResponse()
         except Exception as exc:
@@ -327,3 +382,27 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
             return pb.GetCapabilitiesResponse(capabilities_json=json.dumps(report))
         except Exception as exc:
             _abort(context, "GetCapabilities", exc)
+
+    def IssueAttachToken(
+        self, request: pb.IssueAttachTokenRequest, context: grpc.ServicerContext
+    ) -> pb.IssueAttachTokenResponse:
+        """See the proto."""
+        try:
+            region = self._store.get(request.region)
+            token = self._store.issue_token(region.id)
+            return pb.IssueAttachTokenResponse(
+                region_id=region.id, attach_token=token, handoff_socket=region.handoff_socket
+            )
+        except Exception as exc:
+            _abort(context, "IssueAttachToken", exc)
+
+    def GetStats(
+        self, request: pb.GetStatsRequest, context: grpc.ServicerContext
+    ) -> pb.GetStatsResponse:
+        """See the proto."""
+        try:
+            region_id = self._store.get(request.region).id if request.region else None
+            entries = [] if self._attachments is None else self._attachments.attachments(region_id)
+            return pb.GetStatsResponse(attachments=[attachment_to_proto(e) for e in entries])
+        except Exception as exc:
+            _abort(context, "GetStats", exc)

@@ -638,3 +638,203 @@ class GetCapabilitiesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCapabilitiesResponse: _TypeAlias = GetCapabilitiesResponse  # noqa: Y015
+
+@_typing.final
+class IssueAttachTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueAttachTokenRequest: _TypeAlias = IssueAttachTokenRequest  # noqa: Y015
+
+@_typing.final
+class IssueAttachTokenResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_ID_FIELD_NUMBER: _builtins.int
+    ATTACH_TOKEN_FIELD_NUMBER: _builtins.int
+    HANDOFF_SOCKET_FIELD_NUMBER: _builtins.int
+    region_id: _builtins.str
+    attach_token: _builtins.str
+    handoff_socket: _builtins.str
+    """Where to present the token (docs/protocol.md)."""
+    def __init__(
+        self,
+        *,
+        region_id: _builtins.str = ...,
+        attach_token: _builtins.str = ...,
+        handoff_socket: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach_token", b"attach_token", "handoff_socket", b"handoff_socket", "region_id", b"region_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueAttachTokenResponse: _TypeAlias = IssueAttachTokenResponse  # noqa: Y015
+
+@_typing.final
+class GetStatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    """Empty: every region."""
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
+
+@_typing.final
+class LatencyBucket(_message.Message):
+    """One bucket of a latency histogram: `count` faults took at most `le_ns` nanoseconds (and more
+    than the previous bucket's bound); le_ns 0 is the overflow bucket.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LE_NS_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    le_ns: _builtins.int
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        le_ns: _builtins.int = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "le_ns", b"le_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LatencyBucket: _TypeAlias = LatencyBucket  # noqa: Y015
+
+@_typing.final
+class AttachmentStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CountersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ATTACHMENT_ID_FIELD_NUMBER: _builtins.int
+    REGION_ID_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    BASE_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    REGION_OFFSET_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    ENDED_FIELD_NUMBER: _builtins.int
+    END_REASON_FIELD_NUMBER: _builtins.int
+    COUNTERS_FIELD_NUMBER: _builtins.int
+    LATENCY_FIELD_NUMBER: _builtins.int
+    attachment_id: _builtins.int
+    region_id: _builtins.str
+    mode: _builtins.str
+    """shared-copy, shared-continue, private-copy or eager."""
+    pid: _builtins.int
+    """The client process (SO_PEERCRED at connect)."""
+    uid: _builtins.int
+    base: _builtins.int
+    length: _builtins.int
+    region_offset: _builtins.int
+    end_reason: _builtins.str
+    @_builtins.property
+    def started(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ended(self) -> _timestamp_pb2.Timestamp:
+        """Unset while the attachment is live."""
+
+    @_builtins.property
+    def counters(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """faults, faults_missing, faults_minor, pages_filled, bytes_filled, zero_pages, wakes, eexist,
+        eagain, outside, abandoned, events_remove, events_unmap, events_remap (docs/api.md).
+        """
+
+    @_builtins.property
+    def latency(self) -> _containers.RepeatedCompositeFieldContainer[Global___LatencyBucket]:
+        """From the read(2) that returned a fault to the return of the ioctl that resolved it."""
+
+    def __init__(
+        self,
+        *,
+        attachment_id: _builtins.int = ...,
+        region_id: _builtins.str = ...,
+        mode: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        uid: _builtins.int = ...,
+        base: _builtins.int = ...,
+        length: _builtins.int = ...,
+        region_offset: _builtins.int = ...,
+        started: _timestamp_pb2.Timestamp | None = ...,
+        ended: _timestamp_pb2.Timestamp | None = ...,
+        end_reason: _builtins.str = ...,
+        counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        latency: _abc.Iterable[Global___LatencyBucket] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_id", b"attachment_id", "base", b"base", "counters", b"counters", "end_reason", b"end_reason", "ended", b"ended", "latency", b"latency", "length", b"length", "mode", b"mode", "pid", b"pid", "region_id", b"region_id", "region_offset", b"region_offset", "started", b"started", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachmentStats: _TypeAlias = AttachmentStats  # noqa: Y015
+
+@_typing.final
+class GetStatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttachmentStats]: ...
+    def __init__(
+        self,
+        *,
+        attachments: _abc.Iterable[Global___AttachmentStats] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatsResponse: _TypeAlias = GetStatsResponse  # noqa: Y015

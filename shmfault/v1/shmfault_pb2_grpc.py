@@ -69,6 +69,16 @@ class ShmfaultStub:
                 request_serializer=shmfault_dot_v1_dot_shmfault__pb2.GetCapabilitiesRequest.SerializeToString,
                 response_deserializer=shmfault_dot_v1_dot_shmfault__pb2.GetCapabilitiesResponse.FromString,
                 _registered_method=True)
+        self.IssueAttachToken = channel.unary_unary(
+                '/shmfault.v1.Shmfault/IssueAttachToken',
+                request_serializer=shmfault_dot_v1_dot_shmfault__pb2.IssueAttachTokenRequest.SerializeToString,
+                response_deserializer=shmfault_dot_v1_dot_shmfault__pb2.IssueAttachTokenResponse.FromString,
+                _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/shmfault.v1.Shmfault/GetStats',
+                request_serializer=shmfault_dot_v1_dot_shmfault__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=shmfault_dot_v1_dot_shmfault__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
 
 
 class ShmfaultServicer:
@@ -126,6 +136,22 @@ class ShmfaultServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueAttachToken(self, request, context):
+        """A fresh single-use attach token for a region: each attachment (docs/protocol.md) consumes
+        one, so every process that attaches asks for its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
+        """Statistics of the attachments of one region (or of all regions): the live ones and the
+        most recently ended ones, with their fault counters and latency histograms.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShmfaultServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +189,16 @@ def add_ShmfaultServicer_to_server(servicer, server):
                     servicer.GetCapabilities,
                     request_deserializer=shmfault_dot_v1_dot_shmfault__pb2.GetCapabilitiesRequest.FromString,
                     response_serializer=shmfault_dot_v1_dot_shmfault__pb2.GetCapabilitiesResponse.SerializeToString,
+            ),
+            'IssueAttachToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueAttachToken,
+                    request_deserializer=shmfault_dot_v1_dot_shmfault__pb2.IssueAttachTokenRequest.FromString,
+                    response_serializer=shmfault_dot_v1_dot_shmfault__pb2.IssueAttachTokenResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=shmfault_dot_v1_dot_shmfault__pb2.GetStatsRequest.FromString,
+                    response_serializer=shmfault_dot_v1_dot_shmfault__pb2.GetStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +390,60 @@ class Shmfault:
             '/shmfault.v1.Shmfault/GetCapabilities',
             shmfault_dot_v1_dot_shmfault__pb2.GetCapabilitiesRequest.SerializeToString,
             shmfault_dot_v1_dot_shmfault__pb2.GetCapabilitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueAttachToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shmfault.v1.Shmfault/IssueAttachToken',
+            shmfault_dot_v1_dot_shmfault__pb2.IssueAttachTokenRequest.SerializeToString,
+            shmfault_dot_v1_dot_shmfault__pb2.IssueAttachTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shmfault.v1.Shmfault/GetStats',
+            shmfault_dot_v1_dot_shmfault__pb2.GetStatsRequest.SerializeToString,
+            shmfault_dot_v1_dot_shmfault__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,14 @@ class ShmfaultStub:
     """
     GetCapabilities: _grpc.UnaryUnaryMultiCallable[_shmfault_pb2.GetCapabilitiesRequest, _shmfault_pb2.GetCapabilitiesResponse]
     """What the service's kernel can do: the report of `shmfault probe --json`, taken at startup."""
+    IssueAttachToken: _grpc.UnaryUnaryMultiCallable[_shmfault_pb2.IssueAttachTokenRequest, _shmfault_pb2.IssueAttachTokenResponse]
+    """A fresh single-use attach token for a region: each attachment (docs/protocol.md) consumes
+    one, so every process that attaches asks for its own.
+    """
+    GetStats: _grpc.UnaryUnaryMultiCallable[_shmfault_pb2.GetStatsRequest, _shmfault_pb2.GetStatsResponse]
+    """Statistics of the attachments of one region (or of all regions): the live ones and the
+    most recently ended ones, with their fault counters and latency histograms.
+    """
 
 @_typing.type_check_only
 class ShmfaultAsyncStub(ShmfaultStub):
@@ -84,6 +92,14 @@ class ShmfaultAsyncStub(ShmfaultStub):
     """
     GetCapabilities: _aio.UnaryUnaryMultiCallable[_shmfault_pb2.GetCapabilitiesRequest, _shmfault_pb2.GetCapabilitiesResponse]  # type: ignore[assignment]
     """What the service's kernel can do: the report of `shmfault probe --json`, taken at startup."""
+    IssueAttachToken: _aio.UnaryUnaryMultiCallable[_shmfault_pb2.IssueAttachTokenRequest, _shmfault_pb2.IssueAttachTokenResponse]  # type: ignore[assignment]
+    """A fresh single-use attach token for a region: each attachment (docs/protocol.md) consumes
+    one, so every process that attaches asks for its own.
+    """
+    GetStats: _aio.UnaryUnaryMultiCallable[_shmfault_pb2.GetStatsRequest, _shmfault_pb2.GetStatsResponse]  # type: ignore[assignment]
+    """Statistics of the attachments of one region (or of all regions): the live ones and the
+    most recently ended ones, with their fault counters and latency histograms.
+    """
 
 class ShmfaultServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -147,5 +163,25 @@ class ShmfaultServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_shmfault_pb2.GetCapabilitiesResponse, _abc.Awaitable[_shmfault_pb2.GetCapabilitiesResponse]]:
         """What the service's kernel can do: the report of `shmfault probe --json`, taken at startup."""
+
+    @_abc_1.abstractmethod
+    def IssueAttachToken(
+        self,
+        request: _shmfault_pb2.IssueAttachTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shmfault_pb2.IssueAttachTokenResponse, _abc.Awaitable[_shmfault_pb2.IssueAttachTokenResponse]]:
+        """A fresh single-use attach token for a region: each attachment (docs/protocol.md) consumes
+        one, so every process that attaches asks for its own.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStats(
+        self,
+        request: _shmfault_pb2.GetStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shmfault_pb2.GetStatsResponse, _abc.Awaitable[_shmfault_pb2.GetStatsResponse]]:
+        """Statistics of the attachments of one region (or of all regions): the live ones and the
+        most recently ended ones, with their fault counters and latency histograms.
+        """
 
 def add_ShmfaultServicer_to_server(servicer: ShmfaultServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

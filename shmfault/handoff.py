@@ -1,0 +1,359 @@
+"""HandoffServer: runs the handoff handshake (docs/protocol.md) up to a served attachment.
+
+One thread accepts connections on the handoff socket and drives each one's
+:class:`~shmfault.protocol.ServiceConnection` through HELLO (token, mode) and ATTACH (range,
+userfaultfd). Once READY is sent, the connection, the userfaultfd and a pidfd of the client
+move to the :class:`~shmfault.engine.FaultEngine`, which serves faults and watches for the end.
+A handshake that has not finished within ``handshake_timeout`` is answered ``ERROR TIMEOUT`` and
+its slot freed; every fd received on a refused connection is closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from shmfault import _unix, protocol
+from shmfault._abi import Feature
+from shmfault.engine import Attachment, FaultEngine, new_attachment_id
+from shmfault.errors import (
+    PermissionDeniedError,
+    RegionNotFoundError,
+    ShmfaultError,
+    UffdError,
+)
+from shmfault.memory import BackingKind, RegionBacking
+from shmfault.modes import (
+    FORBIDDEN_FEATURES,
+    Choice,
+    Mode,
+    ModeUnavailableError,
+    UffdAccess,
+    choose,
+    requirements,
+)
+from shmfault.store import RegionStore
+from shmfault.uffd import NotAUserfaultfdError, Uffd
+
+_log = logging.getLogger("shmfault.handoff")
+
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Handshakes in progress at once; more connections wait in the listen backlog.
+MAX_PENDING = 256
+
+ErrorCode = protocol.ErrorCode
+
+
+class _Refusal(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(eq=False)
+class _Handshake:
+    connection: socket.socket
+    machine: protocol.ServiceConnection
+    deadline: float
+    pid: int
+    uid: int
+    region: RegionBacking | None = None
+    choice: Choice | None = None
+    attachment_id: int = field(default_factory=new_attachment_id)
+
+
+class HandoffServer:
+    """Accepts attachments on ``listener`` (a bound, listening SOCK_SEQPACKET socket it takes).
+
+    ``support`` says why each mode cannot work on this kernel ('' when it can: see
+    :func:`shmfault.modes.kernel_support`); ``api_features`` are the kernel's UFFDIO_API
+    features (for hugetlb regions, whose modes need the HUGETLBFS bits).
+    """
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        store: RegionStore,
+        engine: FaultEngine,
+        support: Mapping[Mode, str],
+        *,
+        api_features: Feature,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        self._listener = listener
+        self._listener.setblocking(False)
+        self._store = store
+        self._engine = engine
+        self._support = dict(support)
+        self._api_features = api_features
+        self._timeout = handshake_timeout
+        self._selector = selectors.DefaultSelector()
+        self._wakeup_read, self._wakeup_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._pending: dict[int, _Handshake] = {}
+        self._accepting = True
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shmfault-handoff", daemon=True)
+
+    def start(self) -> None:
+        """Start accepting on a thread of its own."""
+        self._selector.register(self._listener, selectors.EVENT_READ, "listener")
+        self._selector.register(self._wakeup_read, selectors.EVENT_READ, "wakeup")
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Refuse handshakes in progress (``SHUTTING_DOWN``), stop accepting, close the listener.
+        Blocks until the thread has finished (at most ``timeout`` seconds)."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wakeup_write, b"x")
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        for fd in (self._wakeup_read, self._wakeup_write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._selector.close()
+        self._listener.close()
+
+    # --- the thread ---
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._expire()
+                deadlines = [h.deadline for h in self._pending.values()]
+                wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+                for key, _mask in self._selector.select(wait):
+                    if key.data == "listener":
+                        self._accept()
+                    elif key.data == "wakeup":
+                        continue
+                    else:
+                        self._receive(key.data)
+        except Exception:
+            _log.exception("event=handoff_crashed")
+        finally:
+            for handshake in list(self._pending.values()):
+                self._refuse(handshake, ErrorCode.SHUTTING_DOWN, "the service is stopping")
+
+    def _accept(self) -> None:
+        while len(self._pending) < MAX_PENDING:
+            try:
+                connection, _address = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                _log.warning("event=accept_failed error=%r", exc.strerror)
+                return
+            connection.setblocking(False)
+            credentials = _unix.peer_credentials(connection)
+            handshake = _Handshake(
+                connection,
+                protocol.ServiceConnection(),
+                time.monotonic() + self._timeout,
+                credentials.pid,
+                credentials.uid,
+            )
+            self._pending[connection.fileno()] = handshake
+            self._selector.register(connection, selectors.EVENT_READ, handshake)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for handshake in [h for h in self._pending.values() if h.deadline <= now]:
+            reply = handshake.machine.timed_out()
+            _log.info("event=handshake_timeout pid=%d", handshake.pid)
+            self._close(handshake, reply)
+
+    def _close(self, handshake: _Handshake, reply: bytes | None) -> None:
+        self._pending.pop(handshake.connection.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(handshake.connection)
+        if reply is not None:
+            with contextlib.suppress(OSError):
+                _unix.send_packet(handshake.connection, reply)
+        handshake.connection.close()
+        if handshake.region is not None:
+            # The token was redeemed and counted as an attachment that never came to be.
+            self._store.detach(handshake.region.region_id)
+
+    def _refuse(self, handshake: _Handshake, code: ErrorCode, message: str) -> None:
+        _log.info(
+            "event=attach_refused pid=%d code=%s reason=%r", handshake.pid, code.name, message
+        )
+        self._close(handshake, handshake.machine.error(code, message))
+
+    def _receive(self, handshake: _Handshake) -> None:
+        try:
+            packet = _unix.recv_packet(handshake.connection)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            _log.info("event=handshake_failed pid=%d error=%r", handshake.pid, exc.strerror)
+            self._close(handshake, None)
+            return
+        if packet is None:
+            handshake.machine.connection_lost()
+            self._close(handshake, None)
+            return
+        event = handshake.machine.receive(packet.data, packet.fds, truncated=packet.truncated)
+        if isinstance(event, protocol.Violation):
+            _unix.close_fds(event.fds_to_close)
+            _log.info(
+                "event=attach_refused pid=%d code=%s reason=%r",
+                handshake.pid,
+                event.code.name,
+                event.message,
+            )
+            self._close(handshake, event.close_reply)
+            return
+        try:
+            if isinstance(event, protocol.HelloReceived):
+                self._hello(handshake, event.hello)
+            elif isinstance(event, protocol.AttachReceived):
+                self._attach(handshake, event.attach, event.uffd_fd)
+            else:
+                raise _Refusal(ErrorCode.UNEXPECTED, f"unexpected {type(event).__name__}")
+        except _Refusal as refusal:
+            self._refuse(handshake, refusal.code, refusal.message)
+        except Exception as exc:
+            _log.exception("event=handshake_crashed pid=%d", handshake.pid)
+            self._refuse(handshake, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    # --- the two steps ---
+
+    def _support_for(self, region: RegionBacking) -> dict[Mode, str]:
+        if region.backing.kind is not BackingKind.HUGETLB:
+            return self._support
+        support = dict(self._support)
+        for mode in (Mode.SHARED_COPY, Mode.SHARED_CONTINUE):
+            lacking = requirements(mode, hugetlb=True).features & ~self._api_features
+            if lacking:
+                support[mode] = f"the kernel lacks {lacking!r} for hugetlbfs"
+        return support
+
+    def _hello(self, handshake: _Handshake, hello: protocol.Hello) -> None:
+        if self._stopping.is_set():
+            raise _Refusal(ErrorCode.SHUTTING_DOWN, "the service is stopping")
+        try:
+            region = self._store.redeem_token(hello.region_id, hello.attach_token)
+        except RegionNotFoundError as exc:
+            raise _Refusal(ErrorCode.NOT_FOUND, str(exc)) from None
+        except PermissionDeniedError as exc:
+            raise _Refusal(ErrorCode.DENIED, str(exc)) from None
+        handshake.region = region
+        try:
+            choice = choose(
+                self._support_for(region),
+                UffdAccess(hello.uffd_access),
+                requested=hello.mode,
+                minimum=hello.minimum_mode,
+            )
+        except ModeUnavailableError as exc:
+            raise _Refusal(ErrorCode.MODE_UNAVAILABLE, str(exc)) from None
+        handshake.choice = choice
+        needs = requirements(choice.mode, hugetlb=region.backing.kind is BackingKind.HUGETLB)
+        welcome = protocol.Welcome(
+            mode=choice.mode,
+            page_size=region.page_size,
+            region_size=region.size,
+            attachment_id=handshake.attachment_id,
+            register_mode=needs.register_mode,
+            features=needs.features,
+            reasons=choice.reasons,
+        )
+        fds = [region.backing.fileno()] if needs.maps_region else []
+        _unix.send_packet(handshake.connection, handshake.machine.welcome(welcome), fds)
+
+    def _check_range(self, region: RegionBacking, attach: protocol.Attach) -> None:
+        page = region.page_size
+        for name, value in (
+            ("base", attach.base),
+            ("length", attach.length),
+            ("region_offset", attach.region_offset),
+        ):
+            if value % page:
+                raise _Refusal(
+                    ErrorCode.BAD_RANGE, f"{name} {value:#x} is not a multiple of {page}"
+                )
+        if attach.length == 0:
+            raise _Refusal(ErrorCode.BAD_RANGE, "length is 0")
+        if attach.region_offset + attach.length > region.size:
+            raise _Refusal(
+                ErrorCode.BAD_RANGE,
+                f"region_offset {attach.region_offset} + length {attach.length} is past the "
+                f"region's {region.size} bytes",
+            )
+        if attach.base + attach.length >= 1 << 64:
+            raise _Refusal(ErrorCode.BAD_RANGE, f"base {attach.base:#x} + length overflows")
+
+    def _attach(self, handshake: _Handshake, attach: protocol.Attach, uffd_fd: int | None) -> None:
+        region, choice = handshake.region, handshake.choice
+        assert region is not None and choice is not None
+        try:
+            self._check_range(region, attach)
+        except _Refusal:
+            _unix.close_fds([] if uffd_fd is None else [uffd_fd])
+            raise
+        uffd = None if uffd_fd is None else self._adopt(region, choice.mode, attach, uffd_fd)
+        try:
+            if uffd is None:  # eager: fill the attached range before READY
+                region.fill(attach.region_offset, attach.length)
+            attachment = Attachment(
+                region=region,
+                mode=choice.mode,
+                base=attach.base,
+                length=attach.length,
+                region_offset=attach.region_offset,
+                uffd=uffd,
+                connection=handshake.connection,
+                machine=handshake.machine,
+                pid=handshake.pid,
+                uid=handshake.uid,
+                pidfd=_unix.peer_pidfd(handshake.connection),
+                id=handshake.attachment_id,
+            )
+            _unix.send_packet(handshake.connection, handshake.machine.ready(attachment.id))
+        except BaseException:
+            if uffd is not None:
+                uffd.close()
+            raise
+        # From here on the engine owns the connection, the uffd and the pidfd.
+        self._pending.pop(handshake.connection.fileno(), None)
+        self._selector.unregister(handshake.connection)
+        self._engine.add(attachment)
+
+    def _adopt(
+        self, region: RegionBacking, mode: Mode, attach: protocol.Attach, uffd_fd: int
+    ) -> Uffd:
+        try:
+            uffd = Uffd.adopt(uffd_fd)
+        except NotAUserfaultfdError as exc:
+            _unix.close_fds([uffd_fd])
+            raise _Refusal(ErrorCode.BAD_UFFD, str(exc)) from None
+        try:
+            needs = requirements(mode, hugetlb=region.backing.kind is BackingKind.HUGETLB)
+            lacking = needs.features & ~uffd.features
+            if lacking:
+                raise _Refusal(ErrorCode.BAD_UFFD, f"the userfaultfd lacks features {lacking!r}")
+            forbidden = uffd.features & FORBIDDEN_FEATURES
+            if forbidden:
+                raise _Refusal(
+                    ErrorCode.BAD_UFFD, f"the userfaultfd has forbidden features {forbidden!r}"
+                )
+            try:
+                # Registering again through the received fd proves the range is mapped and
+                # registrable in this mode, and fails with EBUSY if another uffd holds it.
+                uffd.register(attach.base, attach.length, needs.register_mode)
+            except UffdError as exc:
+                raise _Refusal(ErrorCode.BAD_UFFD, str(exc)) from None
+        except (_Refusal, ShmfaultError, OSError):
+            uffd.close()
+            raise
+        return uffd
