@@ -373,7 +373,9 @@ def _region_call(args: argparse.Namespace, action: Callable[[Any], int]) -> int:
     except OSError as exc:
         code, error = EXIT_FAILED, exc
     print(
-        f"shmfault region {args.region_command}: {type(error).__name__}: {error}", file=sys.stderr
+        f"shmfault {'' if args.region_command == 'stats' else 'region '}{args.region_command}: "
+        f"{type(error).__name__}: {error}",
+        file=sys.stderr,
     )
     return code
 
@@ -508,6 +510,49 @@ def _run_region_write(args: argparse.Namespace) -> int:
     return _region_call(args, action)
 
 
+def _add_stats(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "stats",
+        help="fault statistics of attachments",
+        description="Statistics of the attachments of a region (or of every region): live ones "
+        "and recently ended ones. Exit codes as for 'region'.",
+    )
+    parser.add_argument("region", nargs="?", default="", help="id or name (default: all)")
+    parser.add_argument("--target", metavar="SOCKET|HOST:PORT", help="the service")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.set_defaults(handler=_run_stats, region_command="stats")
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    def action(client: Any) -> int:
+        entries = client.stats(args.region)
+        if args.json:
+            json.dump(entries, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+            return EXIT_OK
+        print(
+            f"{'ATTACHMENT':>10}  {'REGION':13}  {'MODE':15}  {'PID':>7}  {'FAULTS':>8}  "
+            f"{'PAGES':>8}  {'P50':>8}  {'P99':>8}  STATE"
+        )
+        for entry in entries:
+            counters = entry["counters"]
+            state = "live" if entry["ended"] is None else f"ended: {entry['end_reason']}"
+            print(
+                f"{entry['attachment_id']:>10}  {entry['region_id']:13}  {entry['mode']:15}  "
+                f"{entry['pid']:>7}  {counters.get('faults', 0):>8}  "
+                f"{counters.get('pages_filled', 0):>8}  "
+                f"{_micros(counters.get('latency_p50_ns')):>8}  "
+                f"{_micros(counters.get('latency_p99_ns')):>8}  {state}"
+            )
+        return EXIT_OK
+
+    return _region_call(args, action)
+
+
+def _micros(nanoseconds: int | None) -> str:
+    return "-" if not nanoseconds else f"{nanoseconds / 1000:.0f}us"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="shmfault", description="Lazy shared memory service.")
@@ -515,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_probe(subparsers)
     _add_serve(subparsers)
     _add_region(subparsers)
+    _add_stats(subparsers)
     return parser
 
 

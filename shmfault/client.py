@@ -19,10 +19,13 @@ import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 
+from shmfault.attach import DEFAULT_TIMEOUT as DEFAULT_ATTACH_TIMEOUT
+from shmfault.attach import Attachment
+from shmfault.attach import attach as attach_region
 from shmfault.errors import InvalidArgumentError, RequestError, ServiceUnavailableError
 from shmfault.memory import CHUNK_BYTES, BackingKind
 from shmfault.server import MAX_MESSAGE_BYTES, default_socket_path
@@ -37,7 +40,7 @@ from shmfault.store import FillPolicy, Region, Source
 from shmfault.v1 import shmfault_pb2 as pb
 from shmfault.v1 import shmfault_pb2_grpc as pb_grpc
 
-__all__ = ["Client", "Region", "Source"]
+__all__ = ["Attachment", "Client", "Region", "Source"]
 
 _T = TypeVar("_T")
 _UINT64_END = 1 << 64
@@ -79,6 +82,7 @@ class Client:
             ],
         )
         self._stub = pb_grpc.ShmfaultStub(self._channel)
+        self._spent_tokens: set[str] = {""}
 
     def __enter__(self) -> Self:
         return self
@@ -226,3 +230,62 @@ class Client:
         response = self._call(lambda: self._stub.GetCapabilities(request, timeout=self.timeout))
         report: dict[str, object] = json.loads(response.capabilities_json)
         return report
+
+    def issue_attach_token(self, region: str) -> tuple[str, str, str]:
+        """A fresh single-use attach token: ``(region id, token, handoff socket path)``.
+        Raises RegionNotFoundError, ServiceUnavailableError."""
+        request = pb.IssueAttachTokenRequest(region=region)
+        response = self._call(lambda: self._stub.IssueAttachToken(request, timeout=self.timeout))
+        return response.region_id, response.attach_token, response.handoff_socket
+
+    def attach(
+        self,
+        region: str | Region,
+        *,
+        mode: str | None = None,
+        require: str | None = None,
+        timeout: float = DEFAULT_ATTACH_TIMEOUT,
+    ) -> Attachment:
+        """Map ``region`` (id, name or Region) into this process, filled lazily by the service:
+        the returned :class:`~shmfault.attach.Attachment` (a context manager) has the memory as
+        ``buffer``. ``mode`` forces an attach mode (``shared-copy``, ``shared-continue``,
+        ``private-copy``, ``eager``); ``require`` refuses modes worse than the one named. Either
+        raises :class:`~shmfault.attach.AttachError` rather than step down.
+
+        Uses the Region's own token when it has an unused one, else asks for a new one. Works
+        from any thread. Blocks for the handshake (an eager attach: until the range is filled).
+        Raises RegionNotFoundError, AttachError, ServiceUnavailableError, OSError."""
+        if isinstance(region, Region) and region.attach_token not in self._spent_tokens:
+            region_id, token, handoff = region.id, region.attach_token, region.handoff_socket
+            # A token attaches once: remember it so this Region is not offered it again.
+            self._spent_tokens.add(token)
+        else:
+            reference = region.id if isinstance(region, Region) else region
+            region_id, token, handoff = self.issue_attach_token(reference)
+        return attach_region(handoff, region_id, token, mode=mode, minimum=require, timeout=timeout)
+
+    def stats(self, region: str = "") -> list[dict[str, Any]]:
+        """Statistics of the attachments of ``region`` (all regions when empty): live ones and
+        recently ended ones, as plain dicts (GetStats). Raises RegionNotFoundError,
+        ServiceUnavailableError."""
+        request = pb.GetStatsRequest(region=region)
+        response = self._call(lambda: self._stub.GetStats(request, timeout=self.timeout))
+        return [_stats_from_proto(entry) for entry in response.attachments]
+
+
+def _stats_from_proto(entry: pb.AttachmentStats) -> dict[str, Any]:
+    return {
+        "attachment_id": entry.attachment_id,
+        "region_id": entry.region_id,
+        "mode": entry.mode,
+        "pid": entry.pid,
+        "uid": entry.uid,
+        "base": entry.base,
+        "length": entry.length,
+        "region_offset": entry.region_offset,
+        "started": entry.started.ToNanoseconds() / 1e9,
+        "ended": entry.ended.ToNanoseconds() / 1e9 if entry.HasField("ended") else None,
+        "end_reason": entry.end_reason,
+        "counters": dict(entry.counters),
+        "latency": [{"le_ns": b.le_ns or None, "count": b.count} for b in entry.latency],
+    }

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from shmfault import _unix, protocol
+from shmfault import _unix, logs, protocol
 from shmfault.errors import (
     ShmfaultError,
     UffdError,
@@ -54,6 +54,7 @@ from shmfault.modes import Mode
 from shmfault.uffd import Uffd
 
 _log = logging.getLogger("shmfault.engine")
+
 
 #: Faults and events read per read(2) of a userfaultfd.
 EVENTS_PER_READ = 64
@@ -305,7 +306,7 @@ class FaultEngine:
                     elif kind == _PIDFD:
                         self._finish(attachment, "the client process exited")
         except Exception:
-            _log.exception("event=engine_crashed")
+            logs.exception(_log, "engine_crashed")
             raise
         finally:
             for attachment in list(self._attachments.values()):
@@ -346,13 +347,15 @@ class FaultEngine:
             self._watch(attachment.uffd.fileno(), _UFFD, attachment)
         if attachment.pidfd is not None:
             self._watch(attachment.pidfd, _PIDFD, attachment)
-        _log.info(
-            "event=attached attachment=%d region=%s mode=%s pid=%d length=%d",
-            attachment.id,
-            attachment.region_id,
-            attachment.mode.wire_name,
-            attachment.pid,
-            attachment.length,
+        logs.event(
+            _log,
+            logging.INFO,
+            "attached",
+            attachment=attachment.id,
+            region=attachment.region_id,
+            mode=attachment.mode.wire_name,
+            pid=attachment.pid,
+            length=attachment.length,
         )
         # Faults may have queued before the fd was watched: epoll reports them (level
         # triggered), so nothing more to do here.
@@ -380,19 +383,21 @@ class FaultEngine:
         with self._lock:
             del self._attachments[attachment.id]
             self._finished.append(attachment)
-        _log.info(
-            "event=detached attachment=%d region=%s reason=%r faults=%d pages_filled=%d",
-            attachment.id,
-            attachment.region_id,
-            reason,
-            attachment.stats.faults,
-            attachment.stats.pages_filled,
+        logs.event(
+            _log,
+            logging.INFO,
+            "detached",
+            attachment=attachment.id,
+            region=attachment.region_id,
+            reason=reason,
+            faults=attachment.stats.faults,
+            pages_filled=attachment.stats.pages_filled,
         )
         if self._on_end is not None:
             try:
                 self._on_end(attachment)
             except Exception:
-                _log.exception("event=on_end_failed attachment=%d", attachment.id)
+                logs.exception(_log, "on_end_failed", attachment=attachment.id)
 
     # --- the handoff connection ---
 
@@ -452,7 +457,9 @@ class FaultEngine:
             attachment.stats.abandoned += len(pending)
             self._finish(attachment, "the client's memory is gone (ESRCH)")
         except (UffdError, ShmfaultError, OSError) as exc:
-            _log.error("event=fault_failed attachment=%d error=%r", attachment.id, str(exc))
+            logs.event(
+                _log, logging.ERROR, "fault_failed", attachment=attachment.id, error=str(exc)
+            )
             for fault, _read_at, _tries in pending:
                 self._wake(attachment, fault.address)
             self._finish(attachment, f"serving a fault failed: {exc}")
@@ -532,8 +539,12 @@ class FaultEngine:
             attachment.stats.outside += 1
             page = attachment.region.page_size
             page_address = fault.address - fault.address % page
-            _log.warning(
-                "event=fault_outside attachment=%d address=%#x", attachment.id, fault.address
+            logs.event(
+                _log,
+                logging.WARNING,
+                "fault_outside",
+                attachment=attachment.id,
+                address=fault.address,
             )
             with contextlib.suppress(UffdError):
                 uffd.unregister(page_address, page)

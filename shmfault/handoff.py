@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from shmfault import _unix, protocol
+from shmfault import _unix, logs, protocol
 from shmfault._abi import Feature
 from shmfault.engine import Attachment, FaultEngine, new_attachment_id
 from shmfault.errors import (
@@ -43,6 +43,7 @@ from shmfault.store import RegionStore
 from shmfault.uffd import NotAUserfaultfdError, Uffd
 
 _log = logging.getLogger("shmfault.handoff")
+
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: Handshakes in progress at once; more connections wait in the listen backlog.
@@ -138,7 +139,7 @@ class HandoffServer:
                     else:
                         self._receive(key.data)
         except Exception:
-            _log.exception("event=handoff_crashed")
+            logs.exception(_log, "handoff_crashed")
         finally:
             for handshake in list(self._pending.values()):
                 self._refuse(handshake, ErrorCode.SHUTTING_DOWN, "the service is stopping")
@@ -150,7 +151,7 @@ class HandoffServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                _log.warning("event=accept_failed error=%r", exc.strerror)
+                logs.event(_log, logging.WARNING, "accept_failed", error=exc.strerror)
                 return
             connection.setblocking(False)
             credentials = _unix.peer_credentials(connection)
@@ -168,7 +169,7 @@ class HandoffServer:
         now = time.monotonic()
         for handshake in [h for h in self._pending.values() if h.deadline <= now]:
             reply = handshake.machine.timed_out()
-            _log.info("event=handshake_timeout pid=%d", handshake.pid)
+            logs.event(_log, logging.INFO, "handshake_timeout", pid=handshake.pid)
             self._close(handshake, reply)
 
     def _close(self, handshake: _Handshake, reply: bytes | None) -> None:
@@ -184,8 +185,8 @@ class HandoffServer:
             self._store.detach(handshake.region.region_id)
 
     def _refuse(self, handshake: _Handshake, code: ErrorCode, message: str) -> None:
-        _log.info(
-            "event=attach_refused pid=%d code=%s reason=%r", handshake.pid, code.name, message
+        logs.event(
+            _log, logging.INFO, "attach_refused", pid=handshake.pid, code=code.name, reason=message
         )
         self._close(handshake, handshake.machine.error(code, message))
 
@@ -195,7 +196,9 @@ class HandoffServer:
         except BlockingIOError:
             return
         except OSError as exc:
-            _log.info("event=handshake_failed pid=%d error=%r", handshake.pid, exc.strerror)
+            logs.event(
+                _log, logging.INFO, "handshake_failed", pid=handshake.pid, error=exc.strerror
+            )
             self._close(handshake, None)
             return
         if packet is None:
@@ -205,11 +208,13 @@ class HandoffServer:
         event = handshake.machine.receive(packet.data, packet.fds, truncated=packet.truncated)
         if isinstance(event, protocol.Violation):
             _unix.close_fds(event.fds_to_close)
-            _log.info(
-                "event=attach_refused pid=%d code=%s reason=%r",
-                handshake.pid,
-                event.code.name,
-                event.message,
+            logs.event(
+                _log,
+                logging.INFO,
+                "attach_refused",
+                pid=handshake.pid,
+                code=event.code.name,
+                reason=event.message,
             )
             self._close(handshake, event.close_reply)
             return
@@ -223,7 +228,7 @@ class HandoffServer:
         except _Refusal as refusal:
             self._refuse(handshake, refusal.code, refusal.message)
         except Exception as exc:
-            _log.exception("event=handshake_crashed pid=%d", handshake.pid)
+            logs.exception(_log, "handshake_crashed", pid=handshake.pid)
             self._refuse(handshake, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     # --- the two steps ---

@@ -38,7 +38,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from shmfault import _unix, memory, modes, probe
+from shmfault import _unix, logs, memory, modes, probe
 from shmfault._abi import Feature
 from shmfault.engine import FaultEngine
 from shmfault.handoff import HandoffServer
@@ -264,7 +264,7 @@ def setup_logging(log_format: str = "kv", level: str = "info") -> None:
 
 
 def _event(level: int, event: str, **values: object) -> None:
-    _log.log(level, event, extra={"fields": values})
+    logs.event(_log, level, event, **values)
 
 
 # -- filesystem safety -----------------------------------------------------------------------

@@ -243,11 +243,7 @@ def _timestamp(seconds: float | None) -> Timestamp | None:
 def attachment_to_proto(data: Mapping[str, Any]) -> pb.AttachmentStats:
     """GetStats' message for one ``FaultEngine.attachments()`` entry."""
     stats = data["stats"]
-    counters = {
-        name: int(value)
-        for name, value in stats.items()
-        if isinstance(value, int) and not name.startswith("latency")
-    }
+    counters = {name: int(value) for name, value in stats.items() if isinstance(value, int)}
     return pb.AttachmentStats(
         attachment_id=data["attachment_id"],
         region_id=data["region_id"],

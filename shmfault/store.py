@@ -37,7 +37,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from shmfault import memory
+from shmfault import logs, memory
 from shmfault.errors import (
     AlreadyExistsError,
     HugePagesUnavailableError,
@@ -89,7 +89,7 @@ def parse_size(text: str | int) -> int:
 def log_event(level: int, event: str, **fields: object) -> None:
     """Log one event of the store: ``event`` is the message, ``fields`` its key-value pairs
     (the server's formatter writes them as key=value or JSON)."""
-    _log.log(level, event, extra={"fields": fields})
+    logs.event(_log, level, event, **fields)
 
 
 class SourceKind(enum.StrEnum):
