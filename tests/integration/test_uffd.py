@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import signal
 import socket
@@ -836,3 +837,26 @@ def test_with_block_closes_the_handle() -> None:
     with Uffd.open() as uffd:
         assert not uffd.closed
     assert uffd.closed
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("nowait_reads", [True, False], ids=["rwf-nowait", "before-6.10"])
+def test_read_never_blocks_when_another_holder_clears_o_nonblock(
+    lab: Lab, nowait_reads: bool
+) -> None:
+    """A client sharing the userfaultfd file can clear O_NONBLOCK on it; the service's reads
+    must still return at once instead of hanging its engine thread."""
+    handle = lab.uffd()
+    handle._nowait_reads = nowait_reads  # the path a kernel without read_iter takes
+    flags = fcntl.fcntl(handle.fileno(), fcntl.F_GETFL)
+    fcntl.fcntl(handle.fileno(), fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    assert handle.read_events() == []
+    # Still served: a real fault is read the same way.
+    address = lab.anon()
+    handle.register(address, PAGE, RegisterMode.MISSING)
+    toucher = lab.read(address, 8)
+    assert handle.wait(5)
+    events = handle.read_events()
+    assert [type(e).__name__ for e in events] == ["Pagefault"]
+    handle.zeropage(address, PAGE)
+    assert toucher.value() == bytes(8)
