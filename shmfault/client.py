@@ -278,6 +278,7 @@ def _stats_from_proto(entry: pb.AttachmentStats) -> dict[str, Any]:
         "attachment_id": entry.attachment_id,
         "region_id": entry.region_id,
         "mode": entry.mode,
+        "mode_reasons": entry.mode_reasons,
         "pid": entry.pid,
         "uid": entry.uid,
         "base": entry.base,

@@ -155,6 +155,8 @@ class Attachment:
     started: float = field(default_factory=time.time)
     ended: float | None = None
     end_reason: str = ""
+    #: one "mode: why" line per better mode passed over (WELCOME's reasons)
+    mode_reasons: str = ""
     #: pages of this mapping the engine has filled and the client has not dropped since
     #: (private-copy and shared-continue; shared-copy asks the region file instead)
     mapped: bytearray = field(default_factory=bytearray)
@@ -175,6 +177,7 @@ class Attachment:
             "attachment_id": self.id,
             "region_id": self.region_id,
             "mode": self.mode.wire_name,
+            "mode_reasons": self.mode_reasons,
             "pid": self.pid,
             "uid": self.uid,
             "base": self.base,

@@ -323,6 +323,7 @@ class HandoffServer:
                 uid=handshake.uid,
                 pidfd=_unix.peer_pidfd(handshake.connection),
                 id=handshake.attachment_id,
+                mode_reasons=choice.reasons,
             )
             _unix.send_packet(handshake.connection, handshake.machine.ready(attachment.id))
         except BaseException:

@@ -248,6 +248,7 @@ def attachment_to_proto(data: Mapping[str, Any]) -> pb.AttachmentStats:
         attachment_id=data["attachment_id"],
         region_id=data["region_id"],
         mode=data["mode"],
+        mode_reasons=data["mode_reasons"],
         pid=data["pid"],
         uid=data["uid"],
         base=data["base"],

@@ -767,6 +767,7 @@ class AttachmentStats(_message.Message):
     END_REASON_FIELD_NUMBER: _builtins.int
     COUNTERS_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
+    MODE_REASONS_FIELD_NUMBER: _builtins.int
     attachment_id: _builtins.int
     region_id: _builtins.str
     mode: _builtins.str
@@ -778,6 +779,8 @@ class AttachmentStats(_message.Message):
     length: _builtins.int
     region_offset: _builtins.int
     end_reason: _builtins.str
+    mode_reasons: _builtins.str
+    """One "mode: why" line per better mode the service passed over for this attachment."""
     @_builtins.property
     def started(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -810,10 +813,11 @@ class AttachmentStats(_message.Message):
         end_reason: _builtins.str = ...,
         counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         latency: _abc.Iterable[Global___LatencyBucket] | None = ...,
+        mode_reasons: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_id", b"attachment_id", "base", b"base", "counters", b"counters", "end_reason", b"end_reason", "ended", b"ended", "latency", b"latency", "length", b"length", "mode", b"mode", "pid", b"pid", "region_id", b"region_id", "region_offset", b"region_offset", "started", b"started", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_id", b"attachment_id", "base", b"base", "counters", b"counters", "end_reason", b"end_reason", "ended", b"ended", "latency", b"latency", "length", b"length", "mode", b"mode", "mode_reasons", b"mode_reasons", "pid", b"pid", "region_id", b"region_id", "region_offset", b"region_offset", "started", b"started", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
