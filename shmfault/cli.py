@@ -188,6 +188,20 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="pages resolved per fault, aligned block around the faulting page (default 16)",
     )
     parser.add_argument(
+        "--max-attachments",
+        type=int,
+        dest="max_attachments",
+        metavar="N",
+        help="attachments served at once (default 4096)",
+    )
+    parser.add_argument(
+        "--max-attachments-per-uid",
+        type=int,
+        dest="max_attachments_per_uid",
+        metavar="N",
+        help="attachments served at once for one client uid (default 1024)",
+    )
+    parser.add_argument(
         "--handshake-timeout",
         type=float,
         dest="handshake_timeout",

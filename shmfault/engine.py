@@ -285,10 +285,11 @@ class FaultEngine:
             chosen = [*self._attachments.values(), *self._finished]
         return [a.describe() for a in chosen if region_id is None or a.region_id == region_id]
 
-    def live_count(self, region_id: str | None = None) -> int:
+    def live_count(self, *, uid: int | None = None) -> int:
+        """Live attachments (of one client uid, or all). Thread-safe."""
         with self._lock:
             live = self._attachments.values()
-            return sum(1 for a in live if region_id is None or a.region_id == region_id)
+            return sum(1 for a in live if uid is None or a.uid == uid)
 
     # --- the engine thread ---
 
@@ -363,7 +364,9 @@ class FaultEngine:
         # Faults may have queued before the fd was watched: epoll reports them (level
         # triggered), so nothing more to do here.
 
-    def _finish(self, attachment: Attachment, reason: str) -> None:
+    def _finish(self, attachment: Attachment, reason: str, reply: bytes | None = None) -> None:
+        """End an attachment: stop watching it, close its uffd, count it ended (``on_end``),
+        then send ``reply`` (so DETACHED means all of that is done) and close the rest."""
         if attachment.id not in self._attachments:
             return
         fds = [attachment.connection.fileno()]
@@ -377,10 +380,6 @@ class FaultEngine:
                 self._epoll.unregister(fd)
         if attachment.uffd is not None:
             attachment.uffd.close()
-        attachment.connection.close()
-        if attachment.pidfd is not None:
-            os.close(attachment.pidfd)
-            attachment.pidfd = None
         attachment.ended = time.time()
         attachment.end_reason = reason
         with self._lock:
@@ -401,6 +400,13 @@ class FaultEngine:
                 self._on_end(attachment)
             except Exception:
                 logs.exception(_log, "on_end_failed", attachment=attachment.id)
+        if reply is not None:
+            with contextlib.suppress(OSError):
+                _unix.send_packet(attachment.connection, reply)
+        attachment.connection.close()
+        if attachment.pidfd is not None:
+            os.close(attachment.pidfd)
+            attachment.pidfd = None
 
     # --- the handoff connection ---
 
@@ -430,10 +436,7 @@ class FaultEngine:
                 protocol.ErrorCode.UNEXPECTED, f"unexpected {type(event).__name__}"
             )
             reason = "unexpected message"
-        if reply is not None:
-            with contextlib.suppress(OSError):
-                _unix.send_packet(attachment.connection, reply)
-        self._finish(attachment, reason)
+        self._finish(attachment, reason, reply)
 
     # --- faults ---
 

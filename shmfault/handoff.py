@@ -46,6 +46,10 @@ _log = logging.getLogger("shmfault.handoff")
 
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Attachments served at once, in all and per client uid: each costs the engine a few fds and
+#: a page bitmap, and a client could otherwise exhaust the service's fd limit.
+DEFAULT_MAX_ATTACHMENTS = 4096
+DEFAULT_MAX_ATTACHMENTS_PER_UID = 1024
 #: Handshakes in progress at once; more connections wait in the listen backlog.
 MAX_PENDING = 256
 
@@ -88,6 +92,8 @@ class HandoffServer:
         *,
         api_features: Feature,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_attachments: int = DEFAULT_MAX_ATTACHMENTS,
+        max_attachments_per_uid: int = DEFAULT_MAX_ATTACHMENTS_PER_UID,
     ) -> None:
         self._listener = listener
         self._listener.setblocking(False)
@@ -96,6 +102,8 @@ class HandoffServer:
         self._support = dict(support)
         self._api_features = api_features
         self._timeout = handshake_timeout
+        self._max_attachments = max_attachments
+        self._max_per_uid = max_attachments_per_uid
         self._selector = selectors.DefaultSelector()
         self._wakeup_read, self._wakeup_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._pending: dict[int, _Handshake] = {}
@@ -246,6 +254,7 @@ class HandoffServer:
     def _hello(self, handshake: _Handshake, hello: protocol.Hello) -> None:
         if self._stopping.is_set():
             raise _Refusal(ErrorCode.SHUTTING_DOWN, "the service is stopping")
+        self._check_limits(handshake)
         try:
             region = self._store.redeem_token(hello.region_id, hello.attach_token)
         except RegionNotFoundError as exc:
@@ -275,6 +284,21 @@ class HandoffServer:
         )
         fds = [region.backing.fileno()] if needs.maps_region else []
         _unix.send_packet(handshake.connection, handshake.machine.welcome(welcome), fds)
+
+    def _check_limits(self, handshake: _Handshake) -> None:
+        # Handshakes past HELLO count too: each will be an attachment in a moment.
+        admitted = [h for h in self._pending.values() if h.region is not None]
+        total = self._engine.live_count() + len(admitted)
+        if total >= self._max_attachments:
+            raise _Refusal(ErrorCode.LIMIT, f"the service serves {total} attachments, its limit")
+        mine = self._engine.live_count(uid=handshake.uid) + sum(
+            1 for h in admitted if h.uid == handshake.uid
+        )
+        if mine >= self._max_per_uid:
+            raise _Refusal(
+                ErrorCode.LIMIT,
+                f"uid {handshake.uid} has {mine} attachments, the limit per uid",
+            )
 
     def _check_range(self, region: RegionBacking, attach: protocol.Attach) -> None:
         page = region.page_size

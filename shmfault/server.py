@@ -128,6 +128,8 @@ class ServerConfig:
     probe_round_trips: bool = True
     fault_around_pages: int = 16
     handshake_timeout: float = 10.0
+    max_attachments: int = 4096
+    max_attachments_per_uid: int = 1024
 
     def resolved(self) -> ServerConfig:
         """This config with every default path filled in and values checked. Raises
@@ -153,6 +155,8 @@ class ServerConfig:
             raise ConfigError("workers must be at least 1 and grace_seconds not negative")
         if not 1 <= config.fault_around_pages <= 4096:
             raise ConfigError(f"fault_around_pages must be 1-4096, not {config.fault_around_pages}")
+        if config.max_attachments < 1 or config.max_attachments_per_uid < 1:
+            raise ConfigError("max_attachments and max_attachments_per_uid must be at least 1")
         if config.handshake_timeout <= 0:
             raise ConfigError(f"handshake_timeout must be positive, not {config.handshake_timeout}")
         for path in (config.socket, config.handoff_socket):
@@ -429,6 +433,8 @@ class Server:
             modes.kernel_support(report),
             api_features=Feature(int(report["api"]["features_mask"])),  # type: ignore[index]
             handshake_timeout=config.handshake_timeout,
+            max_attachments=config.max_attachments,
+            max_attachments_per_uid=config.max_attachments_per_uid,
         )
         self.handoff.start()
         options = [
