@@ -49,7 +49,7 @@ from shmfault.errors import (
     UffdRetryError,
 )
 from shmfault.events import Pagefault, Remap, Remove, Unmap
-from shmfault.memory import RegionBacking
+from shmfault.memory import BackingKind, RegionBacking
 from shmfault.modes import Mode
 from shmfault.uffd import Uffd
 
@@ -534,8 +534,11 @@ class FaultEngine:
         """The fault-around block around region offset ``offset``, clipped to the attachment."""
         page = attachment.region.page_size
         block = self.fault_around_pages * page
-        start = max(offset - offset % block, attachment.region_offset)
-        end = min(start + block, attachment.region_offset + attachment.length)
+        aligned = offset - offset % block
+        # Both ends from the aligned block: clipping the start must not push the end into the
+        # next block (an attachment at a region offset that is not a block multiple).
+        start = max(aligned, attachment.region_offset)
+        end = min(aligned + block, attachment.region_offset + attachment.length)
         return start, end
 
     def _resolve(self, attachment: Attachment, fault: Pagefault) -> None:
@@ -592,7 +595,8 @@ class FaultEngine:
             for hole_start, hole_end in list(region.backing.holes(start, end)):
                 address = self._address(attachment, hole_start)
                 try:
-                    if region.content.zero:
+                    # UFFDIO_ZEROPAGE does not exist for hugetlbfs (EINVAL): copy zeros there.
+                    if region.content.zero and region.backing.kind is not BackingKind.HUGETLB:
                         uffd.zeropage(address, hole_end - hole_start)
                     else:
                         data = region.content.read(hole_start, hole_end - hole_start)
@@ -628,18 +632,18 @@ class FaultEngine:
             try:
                 uffd.continue_(address, length)
             except (UffdPageExistsError, UffdRetryError) as exc:
-                mapped = exc.done // page
-                attachment.mapped[run_start : run_start + mapped] = b"\x01" * mapped
-                if run_start + mapped <= index < run_end:
+                done = exc.done // page
+                attachment.mapped[run_start : run_start + done] = b"\x01" * done
+                if isinstance(exc, UffdPageExistsError):
+                    attachment.mapped[run_start + done] = 1  # mapped already, bitmap or not
+                elif run_start + done <= index < run_end:
                     raise
                 continue
             attachment.mapped[run_start:run_end] = b"\x01" * (run_end - run_start)
             if run_start <= index < run_end:
                 served = True
         if not served:
-            # Mapped earlier by this engine, then faulted again: a REMOVE not read yet, or a
-            # race with one. Wake it; if the page is still unmapped it faults once more.
-            self._wake(attachment, self._address(attachment, offset))
+            self._map_one(attachment, index, lambda address: uffd.continue_(address, page))
 
     def _private_copy(self, attachment: Attachment, uffd: Uffd, offset: int) -> None:
         region = attachment.region
@@ -648,12 +652,10 @@ class FaultEngine:
         first = (start - attachment.region_offset) // page
         index = (offset - attachment.region_offset) // page
         runs = list(_runs(attachment.mapped, first, first + (end - start) // page))
-        if not runs:
-            self._wake(attachment, self._address(attachment, offset))
-            return
-        data = region.peek(start, end - start)
-        source = _address_of(data)
         served = False
+        if runs:
+            data = region.peek(start, end - start)
+            source = _address_of(data)
         for run_start, run_end in runs:
             address = attachment.base + run_start * page
             length = (run_end - run_start) * page
@@ -662,7 +664,9 @@ class FaultEngine:
             except (UffdPageExistsError, UffdRetryError) as exc:
                 done = exc.done // page
                 attachment.mapped[run_start : run_start + done] = b"\x01" * done
-                if run_start + done <= index < run_end:
+                if isinstance(exc, UffdPageExistsError):
+                    attachment.mapped[run_start + done] = 1  # mapped already, bitmap or not
+                elif run_start + done <= index < run_end:
                     raise
                 continue
             attachment.mapped[run_start:run_end] = b"\x01" * (run_end - run_start)
@@ -670,7 +674,30 @@ class FaultEngine:
             if run_start <= index < run_end:
                 served = True
         if not served:
-            self._wake(attachment, self._address(attachment, offset))
+            page_data = region.peek(offset - offset % page, page)
+            self._map_one(
+                attachment, index, lambda address: uffd.copy(address, _address_of(page_data), page)
+            )
+            self._count_fill(attachment, page, False)
+
+    def _map_one(self, attachment: Attachment, index: int, resolve: Callable[[int], int]) -> None:
+        """Resolve page ``index`` of the mapping alone, with ``resolve(address)``.
+
+        For a fault the block's runs did not serve: the bitmap says this mapping has the page,
+        yet it faulted, or a range ioctl stopped at a page mapped already. Bitmap and page
+        tables disagree without an event to say so: a hole punched in the region (another
+        sharer's MADV_REMOVE) unmaps the page from every mapping, but only the process that
+        asked gets EVENT_REMOVE; a MADV_FREE'd page is reported removed yet stays until
+        reclaim. Waking the thread would only make it fault again, forever. EEXIST here means
+        the page really is mapped (a race): it is noted and the thread woken by the caller.
+        """
+        address = attachment.base + index * attachment.region.page_size
+        try:
+            resolve(address)
+        except UffdPageExistsError:
+            attachment.mapped[index] = 1
+            raise
+        attachment.mapped[index] = 1
 
 
 def _runs(bitmap: bytearray, first: int, last: int) -> Iterator[tuple[int, int]]:

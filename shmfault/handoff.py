@@ -184,13 +184,14 @@ class HandoffServer:
         self._pending.pop(handshake.connection.fileno(), None)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(handshake.connection)
+        if handshake.region is not None:
+            # The token was redeemed and counted as an attachment that never came to be. Before
+            # the reply: a client that got its ERROR must see the region without it.
+            self._store.detach(handshake.region.region_id)
         if reply is not None:
             with contextlib.suppress(OSError):
                 _unix.send_packet(handshake.connection, reply)
         handshake.connection.close()
-        if handshake.region is not None:
-            # The token was redeemed and counted as an attachment that never came to be.
-            self._store.detach(handshake.region.region_id)
 
     def _refuse(self, handshake: _Handshake, code: ErrorCode, message: str) -> None:
         logs.event(

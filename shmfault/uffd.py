@@ -205,7 +205,6 @@ class Uffd:
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
         self._nonblocking = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
-        self._nowait_reads = True
 
     @classmethod
     def open(
@@ -341,40 +340,29 @@ class Uffd:
     def read_events(self, max_events: int = 64) -> list[Event]:
         """Read up to ``max_events`` queued events with one read.
 
-        Never blocks when the handle was opened non-blocking (the default) — even if another
-        holder of the same file clears O_NONBLOCK, as a hostile client sharing the userfaultfd
-        can: the read asks for RWF_NOWAIT (6.10+), and on older kernels O_NONBLOCK is set
-        again before reading. Returns [] when no event is queued. A blocking handle waits for
-        one. Raises :class:`~shmfault.errors.EventDecodeError` for a record it cannot decode
-        (carrying the others) and :class:`UffdError` for a failed read.
+        A handle opened non-blocking (the default) returns [] when no event is queued, and sets
+        O_NONBLOCK again before reading if another holder of the same file cleared it (a client
+        sharing the userfaultfd can; a blocking read would hang the reader). A blocking handle
+        waits for one. ``preadv2(RWF_NOWAIT)`` is no way round this: on a userfaultfd whose
+        O_NONBLOCK is cleared it reports EAGAIN even with events queued (seen on 6.18), and the
+        first read after O_NONBLOCK is set again may do the same: callers poll level-triggered
+        and read again. Raises
+        :class:`~shmfault.errors.EventDecodeError` for a record it cannot decode (carrying the
+        others) and :class:`UffdError` for a failed read.
         """
         fd = self.fileno()
         buffer = bytearray(max_events * _abi.UFFD_MSG_SIZE)
         try:
-            if self._nowait_reads and self._nonblocking:
-                try:
-                    count = os.preadv(fd, [buffer], -1, os.RWF_NOWAIT)
-                except OSError as exc:
-                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ESPIPE):
-                        raise
-                    self._nowait_reads = False  # before 6.10: userfaultfd has no read_iter
-                    count = self._read_nonblocking(fd, buffer)
-            elif self._nonblocking:
-                count = self._read_nonblocking(fd, buffer)
-            else:
-                count = os.readv(fd, [buffer])
+            if self._nonblocking:
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+                if not flags & os.O_NONBLOCK:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+            count = os.readv(fd, [buffer])
         except BlockingIOError:
             return []
         except OSError as exc:
             raise uffd_error(errno_of(exc), "read") from None
         return parse_events(memoryview(buffer)[:count])
-
-    @staticmethod
-    def _read_nonblocking(fd: int, buffer: bytearray) -> int:
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        if not flags & os.O_NONBLOCK:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-        return os.readv(fd, [buffer])
 
     # --- ioctls ---
 

@@ -840,23 +840,25 @@ def test_with_block_closes_the_handle() -> None:
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize("nowait_reads", [True, False], ids=["rwf-nowait", "before-6.10"])
-def test_read_never_blocks_when_another_holder_clears_o_nonblock(
-    lab: Lab, nowait_reads: bool
-) -> None:
+def test_read_never_blocks_when_another_holder_clears_o_nonblock(lab: Lab) -> None:
     """A client sharing the userfaultfd file can clear O_NONBLOCK on it; the service's reads
     must still return at once instead of hanging its engine thread."""
     handle = lab.uffd()
-    handle._nowait_reads = nowait_reads  # the path a kernel without read_iter takes
     flags = fcntl.fcntl(handle.fileno(), fcntl.F_GETFL)
     fcntl.fcntl(handle.fileno(), fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
     assert handle.read_events() == []
+    assert fcntl.fcntl(handle.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+    fcntl.fcntl(handle.fileno(), fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
     # Still served: a real fault is read the same way.
     address = lab.anon()
     handle.register(address, PAGE, RegisterMode.MISSING)
     toucher = lab.read(address, 8)
-    assert handle.wait(5)
-    events = handle.read_events()
+    # The first read after O_NONBLOCK is set again may come back empty with the fault queued
+    # (seen on 6.18); the engine's level-triggered epoll reports the fd again, as this loop does.
+    events: list[Event] = []
+    while not events:
+        assert handle.wait(5)
+        events = handle.read_events()
     assert [type(e).__name__ for e in events] == ["Pagefault"]
     handle.zeropage(address, PAGE)
     assert toucher.value() == bytes(8)

@@ -1,0 +1,266 @@
+"""FaultEngine's pure parts, without a kernel: the bitmap runs, the statistics, the fault-around
+window and the bookkeeping of REMOVE/UNMAP/REMAP events.
+
+The engine's constructor makes an epoll and an eventfd but starts no thread; ``stop()`` on an
+engine that never started only closes those two. Attachments are built with a stand-in region
+(only ``page_size`` and ``region_id`` are read by what is tested here) and no connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from shmfault.engine import (
+    LATENCY_BOUNDS_NS,
+    Attachment,
+    AttachmentStats,
+    FaultEngine,
+    _runs,
+    new_attachment_id,
+)
+from shmfault.events import Remap
+from shmfault.modes import Mode
+
+PAGE = 4096
+
+
+@pytest.fixture
+def engine() -> Iterator[FaultEngine]:
+    made = FaultEngine(fault_around_pages=4)
+    yield made
+    made.stop()
+
+
+def attachment(
+    *, base: int = 0x10_0000, pages: int = 16, region_offset: int = 0, mode: Mode = Mode.SHARED_COPY
+) -> Attachment:
+    region: Any = SimpleNamespace(page_size=PAGE, region_id="r000000000001")
+    return Attachment(
+        region=region,
+        mode=mode,
+        base=base,
+        length=pages * PAGE,
+        region_offset=region_offset,
+        uffd=None,
+        connection=None,  # type: ignore[arg-type]
+        machine=None,  # type: ignore[arg-type]
+    )
+
+
+# --- _runs ---
+
+
+@pytest.mark.parametrize(
+    ("bitmap", "first", "last", "runs"),
+    [
+        (b"", 0, 0, []),
+        (b"\x00\x00\x00\x00", 0, 4, [(0, 4)]),
+        (b"\x01\x01\x01\x01", 0, 4, []),
+        (b"\x00\x01\x00\x00\x01\x00", 0, 6, [(0, 1), (2, 4), (5, 6)]),
+        (b"\x01\x00\x00\x01", 0, 4, [(1, 3)]),
+        # The window is [first, last): zeros outside it are not reported, runs are clipped.
+        (b"\x00\x00\x00\x00\x00\x00", 2, 4, [(2, 4)]),
+        (b"\x00\x01\x00\x00\x00\x00", 1, 3, [(2, 3)]),
+        (b"\x00\x00\x00\x00", 2, 2, []),
+    ],
+)
+def test_runs_are_the_zero_stretches_of_the_window(
+    bitmap: bytes, first: int, last: int, runs: list[tuple[int, int]]
+) -> None:
+    assert list(_runs(bytearray(bitmap), first, last)) == runs
+
+
+def test_runs_of_a_large_bitmap_cover_every_zero_exactly_once() -> None:
+    bitmap = bytearray((i * 7919) % 3 == 0 for i in range(1000))
+    covered = [i for start, end in _runs(bitmap, 0, len(bitmap)) for i in range(start, end)]
+    assert covered == [i for i, bit in enumerate(bitmap) if not bit]
+
+
+# --- AttachmentStats ---
+
+
+def test_latency_buckets_are_upper_bounds_inclusive() -> None:
+    stats = AttachmentStats()
+    stats.record_latency(0)
+    stats.record_latency(1000)  # exactly the first bound: first bucket
+    stats.record_latency(1001)  # just over: second bucket
+    stats.record_latency(LATENCY_BOUNDS_NS[-1])
+    stats.record_latency(LATENCY_BOUNDS_NS[-1] + 1)  # past every bound: the overflow bucket
+    assert len(stats.latency_ns) == len(LATENCY_BOUNDS_NS) + 1
+    assert stats.latency_ns[0] == 2
+    assert stats.latency_ns[1] == 1
+    assert stats.latency_ns[len(LATENCY_BOUNDS_NS) - 1] == 1
+    assert stats.latency_ns[len(LATENCY_BOUNDS_NS)] == 1
+    assert sum(stats.latency_ns) == 5
+
+
+def test_percentile_is_none_without_faults() -> None:
+    stats = AttachmentStats()
+    assert stats.percentile_ns(0.5) is None
+    assert stats.percentile_ns(0.99) is None
+
+
+def test_percentile_is_the_bound_of_the_bucket_holding_the_quantile() -> None:
+    stats = AttachmentStats()
+    for _ in range(90):
+        stats.record_latency(1500)  # bucket <= 2000
+    for _ in range(10):
+        stats.record_latency(300_000)  # bucket <= 512000
+    assert stats.percentile_ns(0.5) == 2000
+    assert stats.percentile_ns(0.9) == 2000
+    assert stats.percentile_ns(0.91) == 512_000
+    assert stats.percentile_ns(0.99) == 512_000
+    assert stats.percentile_ns(1.0) == 512_000
+
+
+def test_percentile_of_the_overflow_bucket_is_the_last_bound() -> None:
+    stats = AttachmentStats()
+    stats.record_latency(10 * LATENCY_BOUNDS_NS[-1])
+    assert stats.percentile_ns(0.5) == LATENCY_BOUNDS_NS[-1]
+
+
+def test_faults_sum_the_three_kinds() -> None:
+    stats = AttachmentStats(faults_missing=3, faults_minor=4, faults_wp=5)
+    assert stats.faults == 12
+
+
+def test_to_dict_has_every_counter_the_percentiles_and_a_sparse_histogram() -> None:
+    stats = AttachmentStats(faults_missing=2, pages_filled=32, bytes_filled=32 * PAGE)
+    stats.record_latency(700)
+    stats.record_latency(LATENCY_BOUNDS_NS[-1] * 2)
+    data = stats.to_dict()
+    counters = {name for name in AttachmentStats.__slots__ if name != "latency_ns"}  # type: ignore[attr-defined]
+    assert counters <= data.keys()
+    assert "latency_ns" not in data
+    assert data["faults"] == 2
+    assert data["pages_filled"] == 32
+    assert data["bytes_filled"] == 32 * PAGE
+    assert data["latency_p50_ns"] == 1000
+    assert data["latency_p99_ns"] == LATENCY_BOUNDS_NS[-1]
+    # Only buckets with counts; the overflow bucket has no upper bound.
+    assert data["latency_histogram"] == [
+        {"le_ns": 1000, "count": 1},
+        {"le_ns": None, "count": 1},
+    ]
+
+
+def test_to_dict_without_faults() -> None:
+    data = AttachmentStats().to_dict()
+    assert data["faults"] == 0
+    assert data["latency_p50_ns"] is None
+    assert data["latency_histogram"] == []
+
+
+# --- the engine's construction and the fault-around window ---
+
+
+def test_fault_around_must_be_at_least_one_page() -> None:
+    with pytest.raises(ValueError, match="fault_around_pages"):
+        FaultEngine(fault_around_pages=0)
+
+
+def test_attachment_ids_increase() -> None:
+    first = new_attachment_id()
+    assert new_attachment_id() > first
+    assert attachment().id > first
+
+
+@pytest.mark.parametrize(
+    ("region_offset", "pages", "offset", "window"),
+    [
+        # Blocks of 4 pages, aligned in the region: the whole block when the attachment has it.
+        (0, 16, 0, (0, 4)),
+        (0, 16, 5 * PAGE + 123, (4, 8)),
+        (0, 16, 15 * PAGE, (12, 16)),
+        # Clipped to the attachment's end: a region offset of 2 pages and 7 pages attached
+        # end at page 9, in the middle of the block [8, 12).
+        (2 * PAGE, 7, 8 * PAGE, (8, 9)),
+        # Clipped to the attachment's start: block [0, 4) starts before page 2.
+        (2 * PAGE, 7, 3 * PAGE, (2, 4)),
+        # An attachment smaller than one block, inside it.
+        (PAGE, 2, 2 * PAGE, (1, 3)),
+    ],
+)
+def test_window_is_the_aligned_block_clipped_to_the_attachment(
+    engine: FaultEngine,
+    region_offset: int,
+    pages: int,
+    offset: int,
+    window: tuple[int, int],
+) -> None:
+    attached = attachment(region_offset=region_offset, pages=pages)
+    start, end = engine._window(attached, offset)
+    assert (start, end) == (window[0] * PAGE, window[1] * PAGE)
+    assert start <= offset < end
+    assert attached.region_offset <= start < end <= attached.region_offset + attached.length
+
+
+def test_window_of_one_page_fault_around_is_the_page(engine: FaultEngine) -> None:
+    single = FaultEngine(fault_around_pages=1)
+    try:
+        assert single._window(attachment(), 7 * PAGE + 1) == (7 * PAGE, 8 * PAGE)
+    finally:
+        single.stop()
+
+
+# --- the bitmap of pages mapped, kept through REMOVE/UNMAP/REMAP ---
+
+
+def test_a_new_attachment_has_nothing_mapped() -> None:
+    attached = attachment(pages=16)
+    assert attached.mapped == bytearray(16)
+
+
+def test_forget_clears_the_pages_of_the_range_clipped_to_the_attachment(
+    engine: FaultEngine,
+) -> None:
+    attached = attachment(base=0x10_0000, pages=8)
+    attached.mapped[:] = b"\x01" * 8
+    # Starts before the attachment and ends mid-page: pages 0 and 1 are touched.
+    engine._forget(attached, 0x10_0000 - 3 * PAGE, 0x10_0000 + PAGE + 1)
+    assert attached.mapped == bytearray(b"\x00\x00" + b"\x01" * 6)
+    # Past the end: only the pages inside count.
+    engine._forget(attached, 0x10_0000 + 7 * PAGE, 0x10_0000 + 20 * PAGE)
+    assert attached.mapped == bytearray(b"\x00\x00" + b"\x01" * 5 + b"\x00")
+    # Entirely outside: nothing.
+    engine._forget(attached, 0x20_0000, 0x30_0000)
+    assert attached.mapped == bytearray(b"\x00\x00" + b"\x01" * 5 + b"\x00")
+
+
+def test_remap_of_the_whole_attachment_moves_it_and_keeps_its_pages(
+    engine: FaultEngine,
+) -> None:
+    attached = attachment(base=0x10_0000, pages=8)
+    attached.mapped[:3] = b"\x01\x01\x01"
+    engine._remap(attached, Remap(0x10_0000, 0x80_0000, 8 * PAGE))
+    assert attached.base == 0x80_0000
+    assert attached.contains(0x80_0000 + 7 * PAGE)
+    assert not attached.contains(0x10_0000)
+    assert attached.mapped[:3] == b"\x01\x01\x01"
+
+
+def test_remap_of_part_of_the_attachment_forgets_the_moved_part(engine: FaultEngine) -> None:
+    attached = attachment(base=0x10_0000, pages=8)
+    attached.mapped[:] = b"\x01" * 8
+    engine._remap(attached, Remap(0x10_0000 + 2 * PAGE, 0x80_0000, 3 * PAGE))
+    assert attached.base == 0x10_0000
+    assert attached.mapped == bytearray(b"\x01\x01\x00\x00\x00\x01\x01\x01")
+
+
+def test_describe_is_plain_data_for_get_stats() -> None:
+    attached = attachment(base=0x10_0000, pages=4, region_offset=PAGE, mode=Mode.PRIVATE_COPY)
+    attached.pid = 1234
+    attached.uid = 65534
+    data = attached.describe()
+    assert data["attachment_id"] == attached.id
+    assert data["region_id"] == "r000000000001"
+    assert data["mode"] == "private-copy"
+    assert (data["pid"], data["uid"]) == (1234, 65534)
+    assert (data["base"], data["length"], data["region_offset"]) == (0x10_0000, 4 * PAGE, PAGE)
+    assert data["ended"] is None
+    assert data["end_reason"] == ""
+    assert data["stats"] == AttachmentStats().to_dict()
