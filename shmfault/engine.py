@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import errno
 import itertools
 import logging
 import os
@@ -574,6 +575,13 @@ class FaultEngine:
             raise _Retry from exc
         except UffdProcessGoneError as exc:
             raise _Gone from exc
+        except UffdError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            # No VMA at the address any more: the client unmapped it (its UNMAP event is on its
+            # way) or its mm is being torn down. No thread can be waiting on a page that is not
+            # mapped: there is nothing to fill or wake.
+            attachment.stats.abandoned += 1
 
     def _address(self, attachment: Attachment, offset: int) -> int:
         return attachment.base + (offset - attachment.region_offset)
@@ -621,27 +629,15 @@ class FaultEngine:
         filled = region.fill(start, end - start)  # into the page cache, through the service
         if filled:
             self._count_fill(attachment, filled, region.content.zero)
-        # Map the block's pages this mapping has not got yet; pages mapped already (by an
-        # earlier block) would make CONTINUE stop with EEXIST.
         first = (start - attachment.region_offset) // page
         index = (offset - attachment.region_offset) // page
-        served = False
-        for run_start, run_end in _runs(attachment.mapped, first, first + (end - start) // page):
-            address = attachment.base + run_start * page
-            length = (run_end - run_start) * page
-            try:
-                uffd.continue_(address, length)
-            except (UffdPageExistsError, UffdRetryError) as exc:
-                done = exc.done // page
-                attachment.mapped[run_start : run_start + done] = b"\x01" * done
-                if isinstance(exc, UffdPageExistsError):
-                    attachment.mapped[run_start + done] = 1  # mapped already, bitmap or not
-                elif run_start + done <= index < run_end:
-                    raise
-                continue
-            attachment.mapped[run_start:run_end] = b"\x01" * (run_end - run_start)
-            if run_start <= index < run_end:
-                served = True
+
+        def map_run(run_start: int, run_end: int) -> None:
+            uffd.continue_(attachment.base + run_start * page, (run_end - run_start) * page)
+
+        served, _mapped = self._map_runs(
+            attachment, first, first + (end - start) // page, index, map_run
+        )
         if not served:
             self._map_one(attachment, index, lambda address: uffd.continue_(address, page))
 
@@ -651,34 +647,57 @@ class FaultEngine:
         start, end = self._window(attachment, offset)
         first = (start - attachment.region_offset) // page
         index = (offset - attachment.region_offset) // page
-        runs = list(_runs(attachment.mapped, first, first + (end - start) // page))
-        served = False
-        if runs:
-            data = region.peek(start, end - start)
-            source = _address_of(data)
-        for run_start, run_end in runs:
-            address = attachment.base + run_start * page
-            length = (run_end - run_start) * page
-            try:
-                uffd.copy(address, source + (run_start - first) * page, length)
-            except (UffdPageExistsError, UffdRetryError) as exc:
-                done = exc.done // page
-                attachment.mapped[run_start : run_start + done] = b"\x01" * done
-                if isinstance(exc, UffdPageExistsError):
-                    attachment.mapped[run_start + done] = 1  # mapped already, bitmap or not
-                elif run_start + done <= index < run_end:
-                    raise
-                continue
-            attachment.mapped[run_start:run_end] = b"\x01" * (run_end - run_start)
-            self._count_fill(attachment, length, False)
-            if run_start <= index < run_end:
-                served = True
+        last = first + (end - start) // page
+        block: list[bytes] = []  # read only when some page of the block is missing
+
+        def map_run(run_start: int, run_end: int) -> None:
+            if not block:
+                block.append(region.peek(start, end - start))
+            source = _address_of(block[0]) + (run_start - first) * page
+            uffd.copy(attachment.base + run_start * page, source, (run_end - run_start) * page)
+
+        served, mapped = self._map_runs(attachment, first, last, index, map_run)
+        self._count_fill(attachment, mapped * page, False)
         if not served:
             page_data = region.peek(offset - offset % page, page)
             self._map_one(
                 attachment, index, lambda address: uffd.copy(address, _address_of(page_data), page)
             )
             self._count_fill(attachment, page, False)
+
+    def _map_runs(
+        self,
+        attachment: Attachment,
+        first: int,
+        last: int,
+        index: int,
+        map_run: Callable[[int, int], None],
+    ) -> tuple[bool, int]:
+        """Map the pages of ``[first, last)`` (page indexes of the mapping) that the bitmap says
+        this mapping has not got, one ``map_run(run_start, run_end)`` per run: pages mapped
+        already would stop a range ioctl with EEXIST. Returns whether page ``index`` was mapped
+        here and how many pages were. Raises the ioctl's error when it stopped before ``index``
+        for a reason other than EEXIST (the caller retries or wakes)."""
+        page = attachment.region.page_size
+        served = False
+        mapped = 0
+        for run_start, run_end in list(_runs(attachment.mapped, first, last)):
+            try:
+                map_run(run_start, run_end)
+            except (UffdPageExistsError, UffdRetryError) as exc:
+                done = exc.done // page
+                attachment.mapped[run_start : run_start + done] = b"\x01" * done
+                mapped += done
+                if isinstance(exc, UffdPageExistsError):
+                    attachment.mapped[run_start + done] = 1  # mapped already, bitmap or not
+                elif run_start + done <= index < run_end:
+                    raise
+                continue
+            attachment.mapped[run_start:run_end] = b"\x01" * (run_end - run_start)
+            mapped += run_end - run_start
+            if run_start <= index < run_end:
+                served = True
+        return served, mapped
 
     def _map_one(self, attachment: Attachment, index: int, resolve: Callable[[int], int]) -> None:
         """Resolve page ``index`` of the mapping alone, with ``resolve(address)``.
