@@ -62,6 +62,8 @@ EVENTS_PER_READ = 64
 #: Times one fault is retried after EAGAIN (with the queued events read in between) before it is
 #: woken unfilled and left to fault again.
 MAX_RETRIES = 16
+#: Times in a row one page may fault again after an EEXIST wake before the attachment is ended.
+MAX_REFAULTS = 10_000
 #: Finished attachments whose statistics are kept for GetStats.
 FINISHED_KEPT = 1024
 
@@ -158,6 +160,9 @@ class Attachment:
     end_reason: str = ""
     #: one "mode: why" line per better mode passed over (WELCOME's reasons)
     mode_reasons: str = ""
+    #: the page last answered EEXIST-and-woken, and how many times in a row (a livelock guard)
+    refault_address: int = -1
+    refaults: int = 0
     #: pages of this mapping the engine has filled and the client has not dropped since
     #: (private-copy and shared-continue; shared-copy asks the region file instead)
     mapped: bytearray = field(default_factory=bytearray)
@@ -570,6 +575,7 @@ class FaultEngine:
                 self._private_copy(attachment, uffd, offset)
         except UffdPageExistsError:
             attachment.stats.eexist += 1
+            self._guard_refaults(attachment, fault.address)
             self._wake(attachment, fault.address)
         except UffdRetryError as exc:
             raise _Retry from exc
@@ -582,6 +588,26 @@ class FaultEngine:
             # way) or its mm is being torn down. No thread can be waiting on a page that is not
             # mapped: there is nothing to fill or wake.
             attachment.stats.abandoned += 1
+
+    def _guard_refaults(self, attachment: Attachment, address: int) -> None:
+        """End the attachment when one page keeps faulting although the kernel says it is
+        mapped (EEXIST, woken, faulted again): a state this engine does not understand, which
+        would otherwise spin the engine thread at full CPU for every other client. Failing
+        closed leaves that client's thread blocked, never reading wrong bytes."""
+        page = address - address % attachment.region.page_size
+        if page == attachment.refault_address:
+            attachment.refaults += 1
+            if attachment.refaults >= MAX_REFAULTS:
+                raise UffdError(
+                    errno.EEXIST,
+                    "UFFDIO_COPY",
+                    page,
+                    attachment.region.page_size,
+                    detail=f"the page faulted {MAX_REFAULTS} times in a row while mapped",
+                )
+        else:
+            attachment.refault_address = page
+            attachment.refaults = 0
 
     def _address(self, attachment: Attachment, offset: int) -> int:
         return attachment.base + (offset - attachment.region_offset)

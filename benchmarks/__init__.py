@@ -1,0 +1,1 @@
+"""shmfault's benchmarks: ``python -m benchmarks --help``; results in docs/benchmarks.md."""
