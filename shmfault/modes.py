@@ -48,7 +48,9 @@ class UffdAccess(enum.IntEnum):
     FULL = 2
 
 
-#: The fallback chain, best first. shared-copy leads until the benchmarks say otherwise.
+#: The fallback chain, best first. shared-copy leads shared-continue by measurement: it spends
+#: less service CPU per fault (one UFFDIO_COPY against a pwrite plus UFFDIO_CONTINUE) and fills
+#: sequentially faster (docs/benchmarks.md).
 CHAIN: tuple[Mode, ...] = (Mode.SHARED_COPY, Mode.SHARED_CONTINUE, Mode.PRIVATE_COPY, Mode.EAGER)
 
 #: Events every lazy attachment enables, so the service knows when the client drops, unmaps or
