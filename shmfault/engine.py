@@ -252,7 +252,10 @@ class FaultEngine:
         self._thread.start()
 
     def add(self, attachment: Attachment) -> None:
-        """Start serving ``attachment`` (the engine takes its fds). Does not block."""
+        """Start serving ``attachment`` (the engine takes its fds). Does not block; the
+        attachment counts as live (``live_count``, ``attachments``) from the moment it returns."""
+        with self._lock:
+            self._attachments[attachment.id] = attachment
         self._control.put(("add", attachment))
         os.eventfd_write(self._wakeup, 1)
 
@@ -350,8 +353,8 @@ class FaultEngine:
         self._epoll.register(fd, select.EPOLLIN)
 
     def _adopt(self, attachment: Attachment) -> None:
-        with self._lock:
-            self._attachments[attachment.id] = attachment
+        if attachment.id not in self._attachments:
+            return  # ended (stop, a forced delete) before the engine thread got to it
         self._watch(attachment.connection.fileno(), _CONNECTION, attachment)
         if attachment.uffd is not None:
             self._watch(attachment.uffd.fileno(), _UFFD, attachment)
