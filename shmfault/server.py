@@ -524,16 +524,26 @@ def serve(config: ServerConfig) -> int:
         received.append(signum)
         stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    previous = {sig: signal.signal(sig, on_signal) for sig in stop_signals}
     server = Server(config, capabilities)
     try:
+        # Threads inherit the signal mask: blocked while they are created, the stop signals can
+        # only be delivered to the main thread, the one that runs Python's handlers. Delivered
+        # to a gRPC or engine thread instead, a signal would not wake the main thread's wait.
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
         try:
             server.start()
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise StartupError(f"{exc.filename or 'a path'}: {exc.strerror}") from exc
             raise
-        stop.wait()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+        # Timed, so the main thread runs Python code (and any pending handler) every second
+        # even if a thread created later without the mask took the signal.
+        while not stop.wait(1.0):
+            pass
         _event(
             logging.INFO,
             "stopping",
