@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import functools
 import json
 import mmap
@@ -383,9 +382,9 @@ def _api_facts() -> dict[str, Any]:
             "ioctls": [],
         }
     try:
-        buffer = bytearray(_abi.UFFDIO_API_STRUCT.pack(_abi.UFFD_API, 0, 0))
-        fcntl.ioctl(fd, _abi.UFFDIO_API, buffer, True)
-        _api, features, ioctls = _abi.UFFDIO_API_STRUCT.unpack(buffer)
+        # The handle takes the fd (and closes it); its reply is everything the kernel offers.
+        with Uffd.handshake(fd, 0, path=path, user_mode_only=user_mode_only) as handle:
+            features, ioctls = int(handle.available_features), int(handle.ioctls)
     except OSError as exc:
         return {
             "ok": False,
@@ -397,8 +396,6 @@ def _api_facts() -> dict[str, Any]:
             "unknown_features": [],
             "ioctls": [],
         }
-    finally:
-        os.close(fd)
     names = _abi.flag_names(features, Feature)
     return {
         "ok": True,
