@@ -69,6 +69,12 @@ FALLBACKS = ("nobody", "seccomp-syscall", "seccomp-all")
 #: Seconds a VM needs at least, from start to the first test (boot, probe, pytest's start), under
 #: software emulation on a 2-CPU machine; a kernel with less of the budget left is not started.
 MIN_VM_SECONDS = 90
+#: pytest's default timeout per test (pyproject.toml), scaled like the tests' own timeouts.
+INI_TIMEOUT = 120
+#: Every test timeout is multiplied by this in an emulated VM: Python runs there 25 to 60 times
+#: slower than on the host, and a test whose service takes 15 s to start would otherwise end by
+#: its timeout rather than its result. (A test that really hangs costs that much longer.)
+EMULATED_TIMEOUT_SCALE = 3.0
 #: Kept free at the end of a VM's budget for pytest to stop and the VM to power off.
 SHUTDOWN_SLACK = 20
 
@@ -431,7 +437,7 @@ stamp() {{ echo "$1 $(cut -d' ' -f1 /proc/uptime) $(date +%s.%N)" >> "$OUT/timin
 stamp start
 cd {repo} || exit 1
 export PYTHONDONTWRITEBYTECODE=1 SHMFAULT_KERNEL_VM={in_vm} KM_STATE="$OUT"
-export KM_DEADLINE={deadline} PYTHONPATH={plugin}
+export KM_DEADLINE={deadline} KM_TIMEOUT_SCALE={scale} PYTHONPATH={plugin}
 uname -r > "$OUT/uname"
 {python} -m shmfault probe --json > "$OUT/probe.json" 2> "$OUT/probe.err"
 echo $? > "$OUT/probe.status"
@@ -444,7 +450,7 @@ while [ "$runs" -lt 25 ]; do
     left=$(( {hard_deadline} - $(date +%s) ))
     [ "$left" -gt 10 ] || break
     timeout -k 5 "$left" {python} -m pytest -p no:cacheprovider -p km_results -q -rfEs \\
-        -o timeout_method=thread {tests} >> "$OUT/pytest.out" 2>&1
+        -o timeout_method=thread -o timeout={ini_timeout} {tests} >> "$OUT/pytest.out" 2>&1
     echo $? > "$OUT/pytest.status"
     [ -s "$OUT/current" ] || break
 done
@@ -454,7 +460,12 @@ sync
 
 
 def _write_script(
-    out: Path, guest_out: str, tests: tuple[str, ...], deadline: float, in_vm: bool
+    out: Path,
+    guest_out: str,
+    tests: tuple[str, ...],
+    deadline: float,
+    in_vm: bool,
+    scale: float = 1.0,
 ) -> Path:
     script = out / "run.sh"
     script.write_text(
@@ -467,6 +478,8 @@ def _write_script(
             deadline=int(deadline - SHUTDOWN_SLACK),
             hard_deadline=int(deadline - SHUTDOWN_SLACK / 2),
             tests=" ".join(shlex.quote(t) for t in tests),
+            scale=f"{scale:g}",
+            ini_timeout=f"{INI_TIMEOUT * scale:g}",
         )
     )
     return script
@@ -584,6 +597,7 @@ def run_kernel(
     memory: str,
     cpus: int,
     workdir: Path,
+    args_scale: float = 0.0,
 ) -> KernelResult:
     result = KernelResult(spec.name, spec.description, scope=scope)
     result.date = datetime.date.today().isoformat()
@@ -622,7 +636,9 @@ def run_kernel(
             use_kvm, why_not = (kvm == "yes", "--kvm no") if kvm != "auto" else kvm_usable()
             result.how = "VM, KVM" if use_kvm else f"VM, emulated: {why_not}"
             log(f"{spec.name}: {image.release} ({result.how})")
-            script = _write_script(out, GUEST_OUT, tests, deadline, in_vm=True)
+            scale = args_scale if args_scale else (1.0 if use_kvm else EMULATED_TIMEOUT_SCALE)
+            script = _write_script(out, GUEST_OUT, tests, deadline, in_vm=True, scale=scale)
+            result.how += f", test timeouts x{scale:g}" if scale != 1 else ""
             command = [
                 str(vng),
                 "--run",
@@ -905,8 +921,14 @@ def resolve_kernels(names: list[str]) -> list[KernelSpec]:
 
 def command_run(args: argparse.Namespace) -> int:
     if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
-        return _report([KernelResult(**kernel) for kernel in saved["kernels"]], args)
+        merged: dict[str, KernelResult] = {}
+        for path in args.from_json:
+            for kernel in json.loads(Path(path).read_text())["kernels"]:
+                result = KernelResult(**kernel)
+                merged[result.name] = (
+                    _merge(merged[result.name], result) if result.name in merged else result
+                )
+        return _report(list(merged.values()), args)
     started = time.time()
     deadline = started + args.budget if args.budget else float("inf")
     cache = Cache(args.cache)
@@ -936,6 +958,7 @@ def command_run(args: argparse.Namespace) -> int:
                 memory=args.memory,
                 cpus=args.cpus,
                 workdir=workdir,
+                args_scale=args.timeout_scale,
             )
             results.append(result)
             counts = _counts(result)
@@ -956,6 +979,35 @@ def command_run(args: argparse.Namespace) -> int:
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     return _report(results, args)
+
+
+_STATUS_RANK = ("ok", "budget", "boot-failed", "setup-failed", "failed", "not run")
+
+
+def _merge(first: KernelResult, second: KernelResult) -> KernelResult:
+    """Two runs of one kernel (say, different test files) as one: the later run's probe and
+    outcome of a test win; the scopes, reasons and times add up."""
+    tests = {t["nodeid"]: t for t in first.tests}
+    tests.update({t["nodeid"]: t for t in second.tests})
+    status = max(
+        first.status,
+        second.status,
+        key=lambda s: -1 if s not in _STATUS_RANK else _STATUS_RANK.index(s),
+    )
+    timings = {
+        key: round(first.timings.get(key, 0) + second.timings.get(key, 0), 1)
+        for key in {**first.timings, **second.timings}
+        if key in ("setup", "vm", "tests", "total")
+    }
+    return dataclasses.replace(
+        second,
+        status=status,
+        reason="; ".join(r for r in (first.reason, second.reason) if r),
+        scope=f"{first.scope} + {second.scope}",
+        tests=list(tests.values()),
+        probe=second.probe or first.probe,
+        timings={**{k: v for k, v in second.timings.items() if k in ("boot", "probe")}, **timings},
+    )
 
 
 def _report(results: list[KernelResult], args: argparse.Namespace) -> int:
@@ -1071,13 +1123,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     run_parser.add_argument("--json", help="also write every result to this file")
     run_parser.add_argument(
-        "--from-json", metavar="FILE", help="run nothing: report the results --json saved"
+        "--from-json",
+        metavar="FILE",
+        nargs="+",
+        help="run nothing: report the results --json saved (runs of one kernel are merged)",
     )
     run_parser.add_argument(
         "--kvm",
         choices=("auto", "yes", "no"),
         default="auto",
         help="auto: KVM when qemu can start a KVM guest here, else emulation",
+    )
+    run_parser.add_argument(
+        "--timeout-scale",
+        type=float,
+        default=0,
+        help=f"multiply every test timeout in a VM by this (default: "
+        f"{EMULATED_TIMEOUT_SCALE:g} when emulated, 1 with KVM)",
     )
     run_parser.add_argument("--memory", default="2G", help="VM memory (default: %(default)s)")
     run_parser.add_argument("--cpus", type=int, default=2, help="VM CPUs (default: %(default)s)")

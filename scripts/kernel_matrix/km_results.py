@@ -13,7 +13,9 @@ a directory that gets:
   failed (hung), and deselects it and every test already recorded, so the run resumes after it.
 
 ``KM_DEADLINE`` (seconds since the epoch) stops the session before a test that would start after
-it; the tests not run are then absent from ``tests.jsonl``.
+it; the tests not run are then absent from ``tests.jsonl``. ``KM_TIMEOUT_SCALE`` multiplies every
+test's own timeout (an emulated VM is many times slower than the machine the timeouts were set
+on; the ini default is scaled by the runner with ``-o timeout=``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import pytest
 
 _STATE = Path(os.environ["KM_STATE"]) if os.environ.get("KM_STATE") else None
 _DEADLINE = float(os.environ.get("KM_DEADLINE") or 0)
+_SCALE = float(os.environ.get("KM_TIMEOUT_SCALE") or 1)
 #: Per test: the report that decides its outcome (the first failing phase, else the call).
 _pending: dict[str, dict[str, Any]] = {}
 
@@ -74,8 +77,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                 {
                     "nodeid": nodeid,
                     "outcome": "failed",
-                    "reason": "did not end: pytest died during it (a hang past its timeout, "
-                    "which ends pytest, or a crash); the tests after it ran in a new pytest",
+                    "reason": "did not end: still running at its timeout (a hang, or too slow "
+                    "here), which ends pytest, or pytest crashed; the tests after it ran in a "
+                    "new pytest",
                     "duration": None,
                 }
             )
@@ -84,6 +88,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
+    if _SCALE != 1:
+        for item in items:
+            marker = item.get_closest_marker("timeout")
+            seconds = marker.args[0] if marker and marker.args else None
+            if marker and seconds is None:
+                seconds = marker.kwargs.get("timeout")
+            if isinstance(seconds, int | float) and seconds > 0:
+                item.add_marker(pytest.mark.timeout(seconds * _SCALE), append=False)
     if _STATE is None:
         return
     done = _recorded()
