@@ -17,9 +17,16 @@ Rules every fault read keeps:
   unregistered from the client's userfaultfd and the thread woken, so it faults as if shmfault
   were not there.
 
-The per-mode work (what "resolve" means) is in :meth:`FaultEngine._resolve`. All blocking work
-(source reads) happens on the engine thread: a slow file source slows every attachment's faults,
-which the benchmarks measure.
+An attachment is one userfaultfd over one or more ranges of one region (a shmfault client
+attaches one; a Firecracker VMM hands over all its guest memory regions at once), each range
+keeping one state byte per page: what the client has got from the engine, and whether a dropped
+page refills from the region or, with balloon semantics, reads zeros.
+
+The per-mode work (what "resolve" means) is in :meth:`FaultEngine._fill`, shared by faults and
+by replay, which fills recorded pages ahead of the client one bounded step at a time between
+epoll rounds, so a fault never waits behind more than one step. All blocking work (source reads)
+happens on the engine thread: a slow file source slows every attachment's faults, which the
+benchmarks measure.
 """
 
 from __future__ import annotations
@@ -32,14 +39,15 @@ import itertools
 import logging
 import os
 import queue
+import re
 import select
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from shmfault import _unix, logs, protocol
 from shmfault.errors import (
@@ -64,10 +72,19 @@ EVENTS_PER_READ = 64
 MAX_RETRIES = 16
 #: Times in a row one page may fault again after an EEXIST wake before the attachment is ended.
 MAX_REFAULTS = 10_000
+#: Recorded pages filled per step of a replay. Faults are served between steps, so this bounds
+#: how long a fault waits behind a replay (a step of scattered pages is one ioctl per page).
+PREFETCH_PAGES = 64
 #: Finished attachments whose statistics are kept for GetStats.
 FINISHED_KEPT = 1024
 
 _next_attachment_id = itertools.count(1)
+
+
+class FaultRecorder(Protocol):
+    """What the engine records faults into (:class:`shmfault.recording.Recorder`)."""
+
+    def record(self, page_index: int, write: bool) -> None: ...
 
 
 def new_attachment_id() -> int:
@@ -98,6 +115,8 @@ class AttachmentStats:
     events_remove: int = 0
     events_unmap: int = 0
     events_remap: int = 0
+    #: pages filled ahead of the client from a replayed recording
+    pages_prefetched: int = 0
     latency_ns: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_NS) + 1))
 
     def record_latency(self, nanoseconds: int) -> None:
@@ -133,23 +152,62 @@ class AttachmentStats:
         return data
 
 
+#: Per-page states of a :class:`MappedRange` (one byte per page).
+#: The client has not got the page from the engine (or dropped it since): fill it from the region.
+ABSENT = 0
+#: Filled from the region by the engine, not dropped since.
+MAPPED = 1
+#: Dropped by an EVENT_REMOVE on an attachment with ``zero_after_remove``: zeros on next fault.
+REMOVED = 2
+#: Zero-filled after a remove. Kept apart from MAPPED because the remove's zap may land after the
+#: zero fill (the kernel queues EVENT_REMOVE before it zaps): a fault here means zeros again.
+ZEROED = 3
+
+_ABSENT_RUN = re.compile(b"\x00+")
+
+
+@dataclass(eq=False)
+class MappedRange:
+    """One contiguous client range of an attachment: ``length`` bytes at client address ``base``
+    mapping the region from ``region_offset``. ``pages`` holds one state byte per page
+    (:data:`ABSENT`, :data:`MAPPED`, :data:`REMOVED`, :data:`ZEROED`); the attachment sizes it."""
+
+    base: int
+    length: int
+    region_offset: int
+    pages: bytearray = field(default_factory=bytearray, repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.base + self.length
+
+    def contains(self, address: int) -> bool:
+        return self.base <= address < self.base + self.length
+
+    def describe(self) -> dict[str, int]:
+        return {"base": self.base, "length": self.length, "region_offset": self.region_offset}
+
+
 @dataclass(eq=False)
 class Attachment:
-    """One client mapping of (part of) a region, served by the engine.
+    """One client userfaultfd served by the engine: one or more ranges of one region.
 
-    ``base``/``length`` are the client's addresses; ``region_offset`` the region offset ``base``
-    maps. The engine owns ``uffd``, ``connection`` and ``pidfd`` once :meth:`FaultEngine.add`
-    has taken the attachment, and closes them when the attachment ends.
+    A shmfault client attaches one range; a Firecracker VMM hands over every guest memory region
+    at once (``kind`` "firecracker"). The engine owns ``uffd``, ``connection`` and ``pidfd`` once
+    :meth:`FaultEngine.add` has taken the attachment, and closes them when the attachment ends.
+    ``machine`` is None for a connection that carries no shmfault protocol: then any byte on it,
+    like its end, ends the attachment. ``zero_after_remove`` gives Firecracker's balloon
+    semantics: a page dropped with MADV_DONTNEED (EVENT_REMOVE) reads zeros, not the region,
+    on its next fault. ``recorder`` records every fault served; ``replay`` lists region page
+    indexes the engine fills ahead of the client, between faults.
     """
 
     region: RegionBacking
     mode: Mode
-    base: int
-    length: int
-    region_offset: int
+    ranges: list[MappedRange]
     uffd: Uffd | None
     connection: socket.socket
-    machine: protocol.ServiceConnection
+    machine: protocol.ServiceConnection | None
     pid: int = 0
     uid: int = -1
     pidfd: int | None = None
@@ -160,38 +218,84 @@ class Attachment:
     end_reason: str = ""
     #: one "mode: why" line per better mode passed over (WELCOME's reasons)
     mode_reasons: str = ""
+    kind: str = "attach"
+    zero_after_remove: bool = False
+    recorder: FaultRecorder | None = None
+    replay: Sequence[int] | None = None
+    #: the next index of ``replay`` to fill
+    replay_next: int = 0
     #: the page last answered EEXIST-and-woken, and how many times in a row (a livelock guard)
     refault_address: int = -1
     refaults: int = 0
-    #: pages of this mapping the engine has filled and the client has not dropped since
-    #: (private-copy and shared-continue; shared-copy asks the region file instead)
-    mapped: bytearray = field(default_factory=bytearray)
+    #: range bases, sorted, for the address -> range search
+    _bases: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        self.mapped = bytearray(self.length // self.region.page_size)
+        if not self.ranges:
+            raise ValueError("an attachment needs at least one range")
+        page = self.region.page_size
+        for mapped_range in self.ranges:
+            mapped_range.pages = bytearray(mapped_range.length // page)
+        self._sort_ranges()
+
+    def _sort_ranges(self) -> None:
+        self.ranges.sort(key=lambda r: r.base)
+        self._bases = [r.base for r in self.ranges]
 
     @property
     def region_id(self) -> str:
         return self.region.region_id
 
+    @property
+    def length(self) -> int:
+        return sum(r.length for r in self.ranges)
+
+    def range_of(self, address: int) -> MappedRange | None:
+        """The range holding ``address``, or None."""
+        if len(self.ranges) == 1:
+            only = self.ranges[0]
+            return only if only.contains(address) else None
+        index = bisect.bisect_right(self._bases, address) - 1
+        if index >= 0 and self.ranges[index].contains(address):
+            return self.ranges[index]
+        return None
+
+    def range_at_offset(self, offset: int) -> MappedRange | None:
+        """A range mapping region offset ``offset``, or None."""
+        for mapped_range in self.ranges:
+            if 0 <= offset - mapped_range.region_offset < mapped_range.length:
+                return mapped_range
+        return None
+
     def contains(self, address: int) -> bool:
-        return self.base <= address < self.base + self.length
+        return self.range_of(address) is not None
+
+    @property
+    def replay_pending(self) -> int:
+        return 0 if self.replay is None else len(self.replay) - self.replay_next
 
     def describe(self) -> dict[str, Any]:
-        """Plain data for GetStats."""
+        """Plain data for GetStats. ``base``/``length``/``region_offset`` are the first
+        range's (the only one of a shmfault attach); ``ranges`` lists them all."""
+        first = self.ranges[0]
         return {
             "attachment_id": self.id,
             "region_id": self.region_id,
+            "kind": self.kind,
             "mode": self.mode.wire_name,
             "mode_reasons": self.mode_reasons,
             "pid": self.pid,
             "uid": self.uid,
-            "base": self.base,
-            "length": self.length,
-            "region_offset": self.region_offset,
+            "base": first.base,
+            "length": first.length,
+            "region_offset": first.region_offset,
+            "ranges": [r.describe() for r in self.ranges],
             "started": self.started,
             "ended": self.ended,
             "end_reason": self.end_reason,
+            "recording": self.recorder is not None,
+            "replay_pages": 0 if self.replay is None else len(self.replay),
+            "replay_pending": self.replay_pending,
             "stats": self.stats.to_dict(),
         }
 
@@ -240,6 +344,8 @@ class FaultEngine:
         self._fds: dict[int, tuple[int, Attachment | None]] = {self._wakeup: (_CONTROL, None)}
         self._attachments: dict[int, Attachment] = {}
         self._finished: deque[Attachment] = deque(maxlen=FINISHED_KEPT)
+        #: attachments with replay pages left, served round robin
+        self._prefetching: deque[Attachment] = deque()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="shmfault-engine", daemon=True)
         self._running = False
@@ -305,7 +411,9 @@ class FaultEngine:
     def _run(self) -> None:
         try:
             while True:
-                for fd, _mask in self._epoll.poll():
+                # While a replay is pending, look at the fds without waiting: faults first, then
+                # one step of the replay.
+                for fd, _mask in self._epoll.poll(0 if self._prefetching else -1):
                     kind, attachment = self._fds.get(fd, (None, None))
                     if kind == _CONTROL:
                         if not self._control_events():
@@ -318,6 +426,8 @@ class FaultEngine:
                         self._serve_connection(attachment)
                     elif kind == _PIDFD:
                         self._finish(attachment, "the client process exited")
+                if self._prefetching:
+                    self._prefetch_step()
         except Exception:
             logs.exception(_log, "engine_crashed")
             raise
@@ -360,6 +470,8 @@ class FaultEngine:
             self._watch(attachment.uffd.fileno(), _UFFD, attachment)
         if attachment.pidfd is not None:
             self._watch(attachment.pidfd, _PIDFD, attachment)
+        if attachment.replay_pending and attachment.uffd is not None:
+            self._prefetching.append(attachment)
         logs.event(
             _log,
             logging.INFO,
@@ -417,6 +529,15 @@ class FaultEngine:
             os.close(attachment.pidfd)
             attachment.pidfd = None
 
+    def _prefetch_step(self) -> None:
+        attachment = self._prefetching[0]
+        if attachment.id in self._attachments and attachment.replay_pending:
+            self._prefetch(attachment)
+        if attachment.id in self._attachments and attachment.replay_pending:
+            self._prefetching.rotate(-1)
+        else:
+            self._prefetching.popleft()
+
     # --- the handoff connection ---
 
     def _serve_connection(self, attachment: Attachment) -> None:
@@ -426,8 +547,16 @@ class FaultEngine:
             self._finish(attachment, f"the handoff connection failed: {exc.strerror}")
             return
         if packet is None:
+            if attachment.machine is None:
+                self._finish(attachment, "the client closed its connection")
+                return
             attachment.machine.connection_lost()
             self._finish(attachment, "the client closed the handoff connection")
+            return
+        if attachment.machine is None:
+            # A connection with no shmfault protocol on it (a VMM's) must stay silent.
+            _unix.close_fds(packet.fds)
+            self._finish(attachment, "the client sent bytes on a connection that must be silent")
             return
         event = attachment.machine.receive(packet.data, packet.fds, truncated=packet.truncated)
         if isinstance(event, protocol.DetachRequested):
@@ -472,12 +601,16 @@ class FaultEngine:
             attachment.stats.abandoned += len(pending)
             self._finish(attachment, "the client's memory is gone (ESRCH)")
         except (UffdError, ShmfaultError, OSError) as exc:
-            logs.event(
-                _log, logging.ERROR, "fault_failed", attachment=attachment.id, error=str(exc)
-            )
-            for fault, _read_at, _tries in pending:
+            self._failed(attachment, exc, [fault for fault, _read_at, _tries in pending])
+
+    def _failed(
+        self, attachment: Attachment, exc: Exception, unserved: Sequence[Pagefault] = ()
+    ) -> None:
+        logs.event(_log, logging.ERROR, "fault_failed", attachment=attachment.id, error=str(exc))
+        for fault in unserved:
+            with contextlib.suppress(_Gone, UffdError):
                 self._wake(attachment, fault.address)
-            self._finish(attachment, f"serving a fault failed: {exc}")
+        self._finish(attachment, f"serving a fault failed: {exc}")
 
     def _read_batch(
         self, attachment: Attachment, pending: deque[tuple[Pagefault, int, int]]
@@ -489,6 +622,7 @@ class FaultEngine:
             return False
         read_at = time.perf_counter_ns()
         stats = attachment.stats
+        recorder = attachment.recorder
         for event in events:
             if isinstance(event, Pagefault):
                 if event.is_minor:
@@ -498,12 +632,19 @@ class FaultEngine:
                 else:
                     stats.faults_missing += 1
                 pending.append((event, read_at, 0))
+                if recorder is not None:
+                    self._record(attachment, recorder, event)
             elif isinstance(event, Remove):
                 stats.events_remove += 1
-                self._forget(attachment, event.start, event.end)
+                self._forget(
+                    attachment,
+                    event.start,
+                    event.end,
+                    REMOVED if attachment.zero_after_remove else ABSENT,
+                )
             elif isinstance(event, Unmap):
                 stats.events_unmap += 1
-                self._forget(attachment, event.start, event.end)
+                self._forget(attachment, event.start, event.end, ABSENT)
             elif isinstance(event, Remap):
                 stats.events_remap += 1
                 self._remap(attachment, event)
@@ -511,24 +652,35 @@ class FaultEngine:
                 _unix.close_fds([event.uffd_fd])
         return True
 
-    def _forget(self, attachment: Attachment, start: int, end: int) -> None:
-        """Pages in [start, end) were dropped or unmapped: they fault again when touched."""
+    def _record(self, attachment: Attachment, recorder: FaultRecorder, fault: Pagefault) -> None:
+        mapped_range = attachment.range_of(fault.address)
+        if mapped_range is not None:
+            offset = mapped_range.region_offset + (fault.address - mapped_range.base)
+            recorder.record(offset // attachment.region.page_size, fault.is_write)
+
+    def _forget(self, attachment: Attachment, start: int, end: int, state: int = ABSENT) -> None:
+        """Pages in [start, end) were dropped or unmapped: they fault again when touched, and
+        are then filled as ``state`` says (:data:`ABSENT`: from the region; :data:`REMOVED`:
+        zeros)."""
         page = attachment.region.page_size
-        first = max(start, attachment.base)
-        last = min(end, attachment.base + attachment.length)
-        if first < last:
-            index = (first - attachment.base) // page
-            count = -(-(last - first) // page)
-            attachment.mapped[index : index + count] = bytes(count)
+        for mapped_range in attachment.ranges:
+            first = max(start, mapped_range.base)
+            last = min(end, mapped_range.end)
+            if first < last:
+                index = (first - mapped_range.base) // page
+                count = -(-(last - first) // page)
+                mapped_range.pages[index : index + count] = bytes([state]) * count
 
     def _remap(self, attachment: Attachment, event: Remap) -> None:
-        # mremap moves (part of) the mapping. Only a move of the whole attachment keeps it
-        # servable; a partial move leaves pieces the engine cannot address consistently, so
-        # the moved part is simply no longer served (its faults land outside the range).
-        if event.from_address == attachment.base and event.length >= attachment.length:
-            attachment.base = event.to_address
-        else:
-            self._forget(attachment, event.from_address, event.from_address + event.length)
+        # mremap moves (part of) a mapping. Only a move of a whole range keeps it servable; a
+        # partial move leaves pieces the engine cannot address consistently, so the moved part
+        # is simply no longer served (its faults land outside every range).
+        for mapped_range in attachment.ranges:
+            if event.from_address == mapped_range.base and event.length >= mapped_range.length:
+                mapped_range.base = event.to_address
+                attachment._sort_ranges()
+                return
+        self._forget(attachment, event.from_address, event.from_address + event.length)
 
     def _wake(self, attachment: Attachment, address: int) -> None:
         assert attachment.uffd is not None
@@ -539,23 +691,23 @@ class FaultEngine:
         except UffdProcessGoneError as exc:
             raise _Gone from exc
 
-    def _window(self, attachment: Attachment, offset: int) -> tuple[int, int]:
-        """The fault-around block around region offset ``offset``, clipped to the attachment."""
-        page = attachment.region.page_size
-        block = self.fault_around_pages * page
+    def _window(self, mapped_range: MappedRange, page_size: int, offset: int) -> tuple[int, int]:
+        """The fault-around block around region offset ``offset``, clipped to the range."""
+        block = self.fault_around_pages * page_size
         aligned = offset - offset % block
         # Both ends from the aligned block: clipping the start must not push the end into the
-        # next block (an attachment at a region offset that is not a block multiple).
-        start = max(aligned, attachment.region_offset)
-        end = min(aligned + block, attachment.region_offset + attachment.length)
+        # next block (a range at a region offset that is not a block multiple).
+        start = max(aligned, mapped_range.region_offset)
+        end = min(aligned + block, mapped_range.region_offset + mapped_range.length)
         return start, end
 
     def _resolve(self, attachment: Attachment, fault: Pagefault) -> None:
         uffd = attachment.uffd
         assert uffd is not None
-        if not attachment.contains(fault.address):
+        mapped_range = attachment.range_of(fault.address)
+        page = attachment.region.page_size
+        if mapped_range is None:
             attachment.stats.outside += 1
-            page = attachment.region.page_size
             page_address = fault.address - fault.address % page
             logs.event(
                 _log,
@@ -568,14 +720,10 @@ class FaultEngine:
                 uffd.unregister(page_address, page)
             self._wake(attachment, page_address)
             return
-        offset = attachment.region_offset + (fault.address - attachment.base)
+        offset = mapped_range.region_offset + (fault.address - mapped_range.base)
+        start, end = self._window(mapped_range, page, offset)
         try:
-            if attachment.mode is Mode.SHARED_COPY:
-                self._shared_copy(attachment, uffd, offset)
-            elif attachment.mode is Mode.SHARED_CONTINUE:
-                self._shared_continue(attachment, uffd, offset)
-            else:
-                self._private_copy(attachment, uffd, offset)
+            self._fill(attachment, mapped_range, start, end, offset)
         except UffdPageExistsError:
             attachment.stats.eexist += 1
             self._guard_refaults(attachment, fault.address)
@@ -591,6 +739,25 @@ class FaultEngine:
             # way) or its mm is being torn down. No thread can be waiting on a page that is not
             # mapped: there is nothing to fill or wake.
             attachment.stats.abandoned += 1
+
+    def _fill(
+        self,
+        attachment: Attachment,
+        mapped_range: MappedRange,
+        start: int,
+        end: int,
+        fault_offset: int | None,
+    ) -> None:
+        """Give the client the pages of region offsets ``[start, end)`` of ``mapped_range`` it
+        has not got, by the attachment's mode. With ``fault_offset`` (a fault's region offset,
+        inside the block), that page is resolved or its thread woken whatever happens to the
+        rest; without (a prefetch), pages that cannot be filled now are left to fault."""
+        if attachment.mode is Mode.SHARED_COPY:
+            self._shared_copy(attachment, mapped_range, start, end, fault_offset)
+        elif attachment.mode is Mode.SHARED_CONTINUE:
+            self._shared_continue(attachment, mapped_range, start, end, fault_offset)
+        else:
+            self._private_copy(attachment, mapped_range, start, end, fault_offset)
 
     def _guard_refaults(self, attachment: Attachment, address: int) -> None:
         """End the attachment when one page keeps faulting although the kernel says it is
@@ -612,9 +779,6 @@ class FaultEngine:
             attachment.refault_address = page
             attachment.refaults = 0
 
-    def _address(self, attachment: Attachment, offset: int) -> int:
-        return attachment.base + (offset - attachment.region_offset)
-
     def _count_fill(self, attachment: Attachment, length: int, zero: bool) -> None:
         pages = length // attachment.region.page_size
         attachment.stats.pages_filled += pages
@@ -622,15 +786,27 @@ class FaultEngine:
         if zero:
             attachment.stats.zero_pages += pages
 
-    def _shared_copy(self, attachment: Attachment, uffd: Uffd, offset: int) -> None:
+    def _shared_copy(
+        self,
+        attachment: Attachment,
+        mapped_range: MappedRange,
+        start: int,
+        end: int,
+        offset: int | None,
+    ) -> None:
+        uffd = attachment.uffd
+        assert uffd is not None
         region = attachment.region
-        start, end = self._window(attachment, offset)
         served = False
+
+        def address_of(region_offset: int) -> int:
+            return mapped_range.base + (region_offset - mapped_range.region_offset)
+
         with region.locked():
             # Holes of the region file in the block: exactly the pages nobody has yet. The
             # page that faulted is one of them unless someone filled it since the fault.
             for hole_start, hole_end in list(region.backing.holes(start, end)):
-                address = self._address(attachment, hole_start)
+                address = address_of(hole_start)
                 try:
                     # UFFDIO_ZEROPAGE does not exist for hugetlbfs (EINVAL): copy zeros there.
                     if region.content.zero and region.backing.kind is not BackingKind.HUGETLB:
@@ -641,121 +817,216 @@ class FaultEngine:
                 except (UffdPageExistsError, UffdRetryError) as exc:
                     # Raced with another filler: whatever got done is woken; make sure the
                     # faulting page is, too (it exists now, or the retry will fill it).
-                    if hole_start <= offset < hole_end and exc.done <= offset - hole_start:
+                    if (
+                        offset is not None
+                        and hole_start <= offset < hole_end
+                        and exc.done <= offset - hole_start
+                    ):
                         raise
                     continue
                 region.backing.mark_filled(hole_start, hole_end)
                 self._count_fill(attachment, hole_end - hole_start, region.content.zero)
-                if hole_start <= offset < hole_end:
+                if offset is not None and hole_start <= offset < hole_end:
                     served = True
-        if not served:
-            self._wake(attachment, self._address(attachment, offset))
+        if offset is not None and not served:
+            self._wake(attachment, address_of(offset))
 
-    def _shared_continue(self, attachment: Attachment, uffd: Uffd, offset: int) -> None:
+    def _shared_continue(
+        self,
+        attachment: Attachment,
+        mapped_range: MappedRange,
+        start: int,
+        end: int,
+        offset: int | None,
+    ) -> None:
+        uffd = attachment.uffd
+        assert uffd is not None
         region = attachment.region
         page = region.page_size
-        start, end = self._window(attachment, offset)
         filled = region.fill(start, end - start)  # into the page cache, through the service
         if filled:
             self._count_fill(attachment, filled, region.content.zero)
-        first = (start - attachment.region_offset) // page
-        index = (offset - attachment.region_offset) // page
+        first = (start - mapped_range.region_offset) // page
+        last = first + (end - start) // page
+        index = None if offset is None else (offset - mapped_range.region_offset) // page
 
         def map_run(run_start: int, run_end: int) -> None:
-            uffd.continue_(attachment.base + run_start * page, (run_end - run_start) * page)
+            uffd.continue_(mapped_range.base + run_start * page, (run_end - run_start) * page)
 
-        served, _mapped = self._map_runs(
-            attachment, first, first + (end - start) // page, index, map_run
-        )
-        if not served:
-            self._map_one(attachment, index, lambda address: uffd.continue_(address, page))
+        served, _mapped = self._map_runs(attachment, mapped_range, first, last, index, map_run)
+        if index is not None and not served:
+            self._map_one(
+                attachment, mapped_range, index, lambda address: uffd.continue_(address, page)
+            )
 
-    def _private_copy(self, attachment: Attachment, uffd: Uffd, offset: int) -> None:
+    def _private_copy(
+        self,
+        attachment: Attachment,
+        mapped_range: MappedRange,
+        start: int,
+        end: int,
+        offset: int | None,
+    ) -> None:
+        uffd = attachment.uffd
+        assert uffd is not None
         region = attachment.region
         page = region.page_size
-        start, end = self._window(attachment, offset)
-        first = (start - attachment.region_offset) // page
-        index = (offset - attachment.region_offset) // page
+        first = (start - mapped_range.region_offset) // page
         last = first + (end - start) // page
+        index = None if offset is None else (offset - mapped_range.region_offset) // page
+        if index is not None and mapped_range.pages[index] in (REMOVED, ZEROED):
+            self._zero_removed(attachment, mapped_range, index, last)
+            return
         block: list[bytes] = []  # read only when some page of the block is missing
 
         def map_run(run_start: int, run_end: int) -> None:
             if not block:
                 block.append(region.peek(start, end - start))
             source = _address_of(block[0]) + (run_start - first) * page
-            uffd.copy(attachment.base + run_start * page, source, (run_end - run_start) * page)
+            uffd.copy(mapped_range.base + run_start * page, source, (run_end - run_start) * page)
 
-        served, mapped = self._map_runs(attachment, first, last, index, map_run)
+        served, mapped = self._map_runs(attachment, mapped_range, first, last, index, map_run)
         self._count_fill(attachment, mapped * page, False)
-        if not served:
+        if index is not None and not served:
+            assert offset is not None
             page_data = region.peek(offset - offset % page, page)
             self._map_one(
-                attachment, index, lambda address: uffd.copy(address, _address_of(page_data), page)
+                attachment,
+                mapped_range,
+                index,
+                lambda address: uffd.copy(address, _address_of(page_data), page),
             )
             self._count_fill(attachment, page, False)
+
+    def _zero_removed(
+        self, attachment: Attachment, mapped_range: MappedRange, index: int, last: int
+    ) -> None:
+        """Zero-fill the removed pages from ``index`` up to ``last`` (balloon semantics): the
+        faulting page and the removed run after it, marked :data:`ZEROED`."""
+        uffd = attachment.uffd
+        assert uffd is not None
+        page = attachment.region.page_size
+        states = mapped_range.pages
+        run_end = index + 1
+        while run_end < last and states[run_end] == REMOVED:
+            run_end += 1
+        try:
+            uffd.zeropage(mapped_range.base + index * page, (run_end - index) * page)
+        except (UffdPageExistsError, UffdRetryError) as exc:
+            done = exc.done // page
+            states[index : index + done] = bytes([ZEROED]) * done
+            self._count_fill(attachment, done * page, True)
+            if done == 0:
+                raise
+            return
+        states[index:run_end] = bytes([ZEROED]) * (run_end - index)
+        self._count_fill(attachment, (run_end - index) * page, True)
 
     def _map_runs(
         self,
         attachment: Attachment,
+        mapped_range: MappedRange,
         first: int,
         last: int,
-        index: int,
+        index: int | None,
         map_run: Callable[[int, int], None],
     ) -> tuple[bool, int]:
-        """Map the pages of ``[first, last)`` (page indexes of the mapping) that the bitmap says
-        this mapping has not got, one ``map_run(run_start, run_end)`` per run: pages mapped
-        already would stop a range ioctl with EEXIST. Returns whether page ``index`` was mapped
-        here and how many pages were. Raises the ioctl's error when it stopped before ``index``
-        for a reason other than EEXIST (the caller retries or wakes)."""
+        """Map the pages of ``[first, last)`` (page indexes of the range) that the range says
+        the client has not got (:data:`ABSENT`), one ``map_run(run_start, run_end)`` per run:
+        pages mapped already would stop a range ioctl with EEXIST. Returns whether page
+        ``index`` was mapped here and how many pages were. Raises the ioctl's error when it
+        stopped before ``index`` for a reason other than EEXIST (the caller retries or wakes)."""
         page = attachment.region.page_size
+        states = mapped_range.pages
         served = False
         mapped = 0
-        for run_start, run_end in list(_runs(attachment.mapped, first, last)):
+        for run_start, run_end in list(_runs(states, first, last)):
             try:
                 map_run(run_start, run_end)
             except (UffdPageExistsError, UffdRetryError) as exc:
                 done = exc.done // page
-                attachment.mapped[run_start : run_start + done] = b"\x01" * done
+                states[run_start : run_start + done] = b"\x01" * done
                 mapped += done
                 if isinstance(exc, UffdPageExistsError):
-                    attachment.mapped[run_start + done] = 1  # mapped already, bitmap or not
-                elif run_start + done <= index < run_end:
+                    states[run_start + done] = MAPPED  # mapped already, whatever we thought
+                elif index is not None and run_start + done <= index < run_end:
                     raise
                 continue
-            attachment.mapped[run_start:run_end] = b"\x01" * (run_end - run_start)
+            states[run_start:run_end] = b"\x01" * (run_end - run_start)
             mapped += run_end - run_start
-            if run_start <= index < run_end:
+            if index is not None and run_start <= index < run_end:
                 served = True
         return served, mapped
 
-    def _map_one(self, attachment: Attachment, index: int, resolve: Callable[[int], int]) -> None:
-        """Resolve page ``index`` of the mapping alone, with ``resolve(address)``.
+    def _map_one(
+        self,
+        attachment: Attachment,
+        mapped_range: MappedRange,
+        index: int,
+        resolve: Callable[[int], int],
+    ) -> None:
+        """Resolve page ``index`` of the range alone, with ``resolve(address)``.
 
-        For a fault the block's runs did not serve: the bitmap says this mapping has the page,
-        yet it faulted, or a range ioctl stopped at a page mapped already. Bitmap and page
+        For a fault the block's runs did not serve: the range says the client has the page,
+        yet it faulted, or a range ioctl stopped at a page mapped already. State and page
         tables disagree without an event to say so: a hole punched in the region (another
         sharer's MADV_REMOVE) unmaps the page from every mapping, but only the process that
         asked gets EVENT_REMOVE; a MADV_FREE'd page is reported removed yet stays until
         reclaim. Waking the thread would only make it fault again, forever. EEXIST here means
         the page really is mapped (a race): it is noted and the thread woken by the caller.
         """
-        address = attachment.base + index * attachment.region.page_size
+        address = mapped_range.base + index * attachment.region.page_size
         try:
             resolve(address)
         except UffdPageExistsError:
-            attachment.mapped[index] = 1
+            mapped_range.pages[index] = MAPPED
             raise
-        attachment.mapped[index] = 1
+        mapped_range.pages[index] = MAPPED
+
+    # --- replay: filling recorded pages ahead of the client ---
+
+    def _prefetch(self, attachment: Attachment) -> None:
+        """Fill the next :data:`PREFETCH_PAGES` pages of the attachment's replay list, a run of
+        consecutive pages per ioctl. Faults come first: the engine calls this only when no fd
+        is ready. A page that cannot be filled now (raced, EAGAIN, unmapped) is left to fault."""
+        replay = attachment.replay
+        assert replay is not None
+        page = attachment.region.page_size
+        begin = attachment.replay_next
+        chunk = sorted(replay[begin : begin + PREFETCH_PAGES])
+        attachment.replay_next = begin + len(chunk)
+        run_start = 0
+        for position in range(1, len(chunk) + 1):
+            if position < len(chunk) and chunk[position] == chunk[position - 1] + 1:
+                continue
+            start, end = chunk[run_start] * page, (chunk[position - 1] + 1) * page
+            run_start = position
+            while start < end:
+                mapped_range = attachment.range_at_offset(start)
+                if mapped_range is None:
+                    start += page
+                    continue
+                stop = min(end, mapped_range.region_offset + mapped_range.length)
+                before = attachment.stats.pages_filled
+                try:
+                    self._fill(attachment, mapped_range, start, stop, None)
+                except (UffdPageExistsError, UffdRetryError):
+                    pass
+                except UffdProcessGoneError:
+                    self._finish(attachment, "the client's memory is gone (ESRCH)")
+                    return
+                except UffdError as exc:
+                    if exc.errno != errno.ENOENT:
+                        self._failed(attachment, exc)
+                        return
+                except (ShmfaultError, OSError) as exc:
+                    self._failed(attachment, exc)
+                    return
+                attachment.stats.pages_prefetched += attachment.stats.pages_filled - before
+                start = stop
 
 
 def _runs(bitmap: bytearray, first: int, last: int) -> Iterator[tuple[int, int]]:
-    """Runs ``[start, end)`` of zero bytes in ``bitmap[first:last]``."""
-    index = first
-    while index < last:
-        start = bitmap.find(0, index, last)
-        if start < 0:
-            return
-        end = bitmap.find(1, start, last)
-        end = last if end < 0 else end
-        yield start, end
-        index = end
+    """Runs ``[start, end)`` of zero (:data:`ABSENT`) bytes in ``bitmap[first:last]``."""
+    for match in _ABSENT_RUN.finditer(bitmap, first, last):
+        yield match.start(), match.end()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from shmfault import _unix, logs, protocol
 from shmfault._abi import Feature
-from shmfault.engine import Attachment, FaultEngine, new_attachment_id
+from shmfault.engine import Attachment, FaultEngine, MappedRange, new_attachment_id
 from shmfault.errors import (
     PermissionDeniedError,
     RegionNotFoundError,
@@ -338,9 +338,7 @@ class HandoffServer:
             attachment = Attachment(
                 region=region,
                 mode=choice.mode,
-                base=attach.base,
-                length=attach.length,
-                region_offset=attach.region_offset,
+                ranges=[MappedRange(attach.base, attach.length, attach.region_offset)],
                 uffd=uffd,
                 connection=handshake.connection,
                 machine=handshake.machine,

@@ -15,10 +15,15 @@ from typing import Any
 import pytest
 
 from shmfault.engine import (
+    ABSENT,
     LATENCY_BOUNDS_NS,
+    MAPPED,
+    REMOVED,
+    ZEROED,
     Attachment,
     AttachmentStats,
     FaultEngine,
+    MappedRange,
     _runs,
     new_attachment_id,
 )
@@ -42,9 +47,7 @@ def attachment(
     return Attachment(
         region=region,
         mode=mode,
-        base=base,
-        length=pages * PAGE,
-        region_offset=region_offset,
+        ranges=[MappedRange(base, pages * PAGE, region_offset)],
         uffd=None,
         connection=None,  # type: ignore[arg-type]
         machine=None,  # type: ignore[arg-type]
@@ -193,16 +196,17 @@ def test_window_is_the_aligned_block_clipped_to_the_attachment(
     window: tuple[int, int],
 ) -> None:
     attached = attachment(region_offset=region_offset, pages=pages)
-    start, end = engine._window(attached, offset)
+    start, end = engine._window(attached.ranges[0], PAGE, offset)
     assert (start, end) == (window[0] * PAGE, window[1] * PAGE)
     assert start <= offset < end
-    assert attached.region_offset <= start < end <= attached.region_offset + attached.length
+    first = attached.ranges[0]
+    assert first.region_offset <= start < end <= first.region_offset + first.length
 
 
 def test_window_of_one_page_fault_around_is_the_page(engine: FaultEngine) -> None:
     single = FaultEngine(fault_around_pages=1)
     try:
-        assert single._window(attachment(), 7 * PAGE + 1) == (7 * PAGE, 8 * PAGE)
+        assert single._window(attachment().ranges[0], PAGE, 7 * PAGE + 1) == (7 * PAGE, 8 * PAGE)
     finally:
         single.stop()
 
@@ -212,43 +216,43 @@ def test_window_of_one_page_fault_around_is_the_page(engine: FaultEngine) -> Non
 
 def test_a_new_attachment_has_nothing_mapped() -> None:
     attached = attachment(pages=16)
-    assert attached.mapped == bytearray(16)
+    assert attached.ranges[0].pages == bytearray(16)
 
 
 def test_forget_clears_the_pages_of_the_range_clipped_to_the_attachment(
     engine: FaultEngine,
 ) -> None:
     attached = attachment(base=0x10_0000, pages=8)
-    attached.mapped[:] = b"\x01" * 8
+    attached.ranges[0].pages[:] = b"\x01" * 8
     # Starts before the attachment and ends mid-page: pages 0 and 1 are touched.
     engine._forget(attached, 0x10_0000 - 3 * PAGE, 0x10_0000 + PAGE + 1)
-    assert attached.mapped == bytearray(b"\x00\x00" + b"\x01" * 6)
+    assert attached.ranges[0].pages == bytearray(b"\x00\x00" + b"\x01" * 6)
     # Past the end: only the pages inside count.
     engine._forget(attached, 0x10_0000 + 7 * PAGE, 0x10_0000 + 20 * PAGE)
-    assert attached.mapped == bytearray(b"\x00\x00" + b"\x01" * 5 + b"\x00")
+    assert attached.ranges[0].pages == bytearray(b"\x00\x00" + b"\x01" * 5 + b"\x00")
     # Entirely outside: nothing.
     engine._forget(attached, 0x20_0000, 0x30_0000)
-    assert attached.mapped == bytearray(b"\x00\x00" + b"\x01" * 5 + b"\x00")
+    assert attached.ranges[0].pages == bytearray(b"\x00\x00" + b"\x01" * 5 + b"\x00")
 
 
 def test_remap_of_the_whole_attachment_moves_it_and_keeps_its_pages(
     engine: FaultEngine,
 ) -> None:
     attached = attachment(base=0x10_0000, pages=8)
-    attached.mapped[:3] = b"\x01\x01\x01"
+    attached.ranges[0].pages[:3] = b"\x01\x01\x01"
     engine._remap(attached, Remap(0x10_0000, 0x80_0000, 8 * PAGE))
-    assert attached.base == 0x80_0000
+    assert attached.ranges[0].base == 0x80_0000
     assert attached.contains(0x80_0000 + 7 * PAGE)
     assert not attached.contains(0x10_0000)
-    assert attached.mapped[:3] == b"\x01\x01\x01"
+    assert attached.ranges[0].pages[:3] == b"\x01\x01\x01"
 
 
 def test_remap_of_part_of_the_attachment_forgets_the_moved_part(engine: FaultEngine) -> None:
     attached = attachment(base=0x10_0000, pages=8)
-    attached.mapped[:] = b"\x01" * 8
+    attached.ranges[0].pages[:] = b"\x01" * 8
     engine._remap(attached, Remap(0x10_0000 + 2 * PAGE, 0x80_0000, 3 * PAGE))
-    assert attached.base == 0x10_0000
-    assert attached.mapped == bytearray(b"\x01\x01\x00\x00\x00\x01\x01\x01")
+    assert attached.ranges[0].base == 0x10_0000
+    assert attached.ranges[0].pages == bytearray(b"\x01\x01\x00\x00\x00\x01\x01\x01")
 
 
 def test_describe_is_plain_data_for_get_stats() -> None:
@@ -264,3 +268,91 @@ def test_describe_is_plain_data_for_get_stats() -> None:
     assert data["ended"] is None
     assert data["end_reason"] == ""
     assert data["stats"] == AttachmentStats().to_dict()
+    assert data["kind"] == "attach"
+    assert data["ranges"] == [{"base": 0x10_0000, "length": 4 * PAGE, "region_offset": PAGE}]
+
+
+# --- several ranges on one userfaultfd (a Firecracker VMM's guest memory) ---
+
+
+def several(*, zero_after_remove: bool = False) -> Attachment:
+    region: Any = SimpleNamespace(page_size=PAGE, region_id="r000000000002")
+    return Attachment(
+        region=region,
+        mode=Mode.PRIVATE_COPY,
+        # Deliberately out of order: the attachment sorts them by address.
+        ranges=[
+            MappedRange(0x90_0000, 4 * PAGE, 16 * PAGE),
+            MappedRange(0x10_0000, 8 * PAGE, 0),
+        ],
+        uffd=None,
+        connection=None,  # type: ignore[arg-type]
+        machine=None,
+        kind="firecracker",
+        zero_after_remove=zero_after_remove,
+    )
+
+
+def test_an_address_finds_its_range_and_nothing_between_ranges() -> None:
+    attached = several()
+    assert [r.base for r in attached.ranges] == [0x10_0000, 0x90_0000]
+    assert attached.range_of(0x10_0000 + 7 * PAGE + 5) is attached.ranges[0]
+    assert attached.range_of(0x90_0000 + 3 * PAGE) is attached.ranges[1]
+    assert attached.range_of(0x10_0000 + 8 * PAGE) is None
+    assert attached.range_of(0x90_0000 + 4 * PAGE) is None
+    assert attached.range_of(0x10_0000 - 1) is None
+    assert attached.range_at_offset(17 * PAGE) is attached.ranges[1]
+    assert attached.range_at_offset(8 * PAGE) is None
+    assert attached.length == 12 * PAGE
+
+
+def test_an_attachment_without_ranges_is_refused() -> None:
+    region: Any = SimpleNamespace(page_size=PAGE, region_id="r000000000002")
+    with pytest.raises(ValueError, match="at least one range"):
+        Attachment(
+            region=region,
+            mode=Mode.PRIVATE_COPY,
+            ranges=[],
+            uffd=None,
+            connection=None,  # type: ignore[arg-type]
+            machine=None,
+        )
+
+
+def test_forget_spans_every_range_it_overlaps(engine: FaultEngine) -> None:
+    attached = several()
+    for mapped_range in attached.ranges:
+        mapped_range.pages[:] = bytes([MAPPED]) * len(mapped_range.pages)
+    engine._forget(attached, 0x10_0000 + 6 * PAGE, 0x90_0000 + PAGE)
+    assert attached.ranges[0].pages == bytearray([MAPPED] * 6 + [ABSENT] * 2)
+    assert attached.ranges[1].pages == bytearray([ABSENT] + [MAPPED] * 3)
+
+
+def test_a_removed_page_is_marked_for_zeros_and_not_refilled_by_fault_around(
+    engine: FaultEngine,
+) -> None:
+    attached = several(zero_after_remove=True)
+    first = attached.ranges[0]
+    first.pages[:] = bytes([MAPPED, ZEROED, ABSENT, MAPPED, ABSENT, ABSENT, MAPPED, MAPPED])
+    engine._forget(attached, 0x10_0000, 0x10_0000 + 2 * PAGE, REMOVED)
+    assert first.pages[:2] == bytes([REMOVED, REMOVED])
+    # Fault-around fills only what never came from the engine: removed pages read zeros
+    # when they fault themselves, never the region's bytes.
+    assert list(_runs(first.pages, 0, 8)) == [(2, 3), (4, 6)]
+
+
+def test_remap_of_a_whole_range_moves_that_range_only(engine: FaultEngine) -> None:
+    attached = several()
+    engine._remap(attached, Remap(0x90_0000, 0x05_0000, 4 * PAGE))
+    assert [r.base for r in attached.ranges] == [0x05_0000, 0x10_0000]
+    assert attached.range_of(0x05_0000 + PAGE) is not None
+    assert attached.range_of(0x90_0000) is None
+
+
+def test_replay_pending_counts_what_is_left() -> None:
+    attached = attachment(pages=16)
+    assert attached.replay_pending == 0
+    attached.replay = [3, 1, 2]
+    attached.replay_next = 1
+    assert attached.replay_pending == 2
+    assert attached.describe()["replay_pending"] == 2
