@@ -27,7 +27,7 @@ from benchmarks.reference import DEFAULT_SOURCE
 from benchmarks.service import reap_all
 from benchmarks.workloads import MODES, Config, MiB, run_all
 
-COMMANDS = ("run", "rand", "seq", "profile", "show")
+COMMANDS = ("run", "rand", "seq", "replay", "profile", "show")
 
 
 def _size(text: str) -> int:
@@ -72,6 +72,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     sizes.add_argument("--size", type=_size, help="region size of the random workload")
     sizes.add_argument("--touches", type=int, help="random touches (distinct pages) per run")
     sizes.add_argument("--seq-size", type=_size, help="region size of the sequential workload")
+    sizes.add_argument(
+        "--replay-size", type=_size, help="region size of the replay workload (default 1 GiB)"
+    )
+    sizes.add_argument(
+        "--replay-touches", type=int, help="pages of the replay workload's trace (default 32768)"
+    )
     parser.add_argument(
         "--modes", type=_modes, default=MODES, help=f"comma-separated (default {','.join(MODES)})"
     )
@@ -157,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "random faults and sequential fill, with every baseline (the default)"),
         ("rand", "random fault latency only"),
         ("seq", "sequential fill bandwidth only"),
+        ("replay", "working-set replay: time to completion on demand vs replayed"),
     ):
         _common(commands.add_parser(name, help=text, description=text))
     show = commands.add_parser(
@@ -185,13 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from(args: argparse.Namespace) -> Config:
     full = args.full
     return Config(
-        workloads={"run": ("rand", "seq"), "rand": ("rand",), "seq": ("seq",)}.get(
-            args.command, (args.workload,) if args.command == "profile" else ("rand", "seq")
-        ),
+        workloads={
+            "run": ("rand", "seq", "replay"),
+            "rand": ("rand",),
+            "seq": ("seq",),
+            "replay": ("replay",),
+        }.get(args.command, (args.workload,) if args.command == "profile" else ("rand", "seq")),
         modes=args.modes,
         rand_size=args.size or (1024 * MiB if full else 256 * MiB),
         touches=args.touches or (50_000 if full else 20_000),
         seq_size=args.seq_size or (1024 * MiB if full else 256 * MiB),
+        replay_size=args.replay_size or 1024 * MiB,
+        replay_touches=args.replay_touches or 32_768,
         rand_fault_around=args.fault_around,
         seq_fault_around=args.seq_fault_around,
         repeat=max(args.repeat, 1),

@@ -5,7 +5,12 @@ Workloads, run against a fresh region per run (a file source, so every page has 
 
 - ``rand``: distinct pages picked uniformly at random, touched once each in the client by a C
   loop that times every touch (the fault's whole round trip as the client sees it);
-- ``seq``: every page of the region in address order (fill bandwidth).
+- ``seq``: every page of the region in address order (fill bandwidth);
+- ``replay``: a working-set trace (clusters of 1 to 16 consecutive pages at random places,
+  visited in random order) over a region filled from a file: first recorded (an attach with
+  ``record``), then timed to completion on demand and with the recording replayed (an attach
+  with ``replay``: the service fills the recorded pages ahead of the client), each on a fresh
+  region of the same file.
 
 Baselines, measured in the same run, in this process, with the same touch loop:
 
@@ -53,6 +58,9 @@ class Config:
     seq_size: int = 256 * MiB
     rand_fault_around: tuple[int, ...] = (1, 16)
     seq_fault_around: tuple[int, ...] = (16, 64)
+    replay_size: int = 1024 * MiB
+    replay_touches: int = 32_768
+    replay_fault_around: tuple[int, ...] = (16,)
     repeat: int = 3
     write: bool = True
     seed: int = 1
@@ -71,6 +79,8 @@ class Config:
             wanted.update(self.rand_fault_around)
         if "seq" in self.workloads:
             wanted.update(self.seq_fault_around)
+        if "replay" in self.workloads:
+            wanted.update(self.replay_fault_around)
         return sorted(wanted)
 
 
@@ -165,7 +175,11 @@ class Workspace:
             self.say(message)
         else:
             self.notes.append("reference handler disabled (--no-reference)")
-        size = max(config.rand_size if "rand" in config.workloads else 0, config.seq_size)
+        size = max(
+            config.rand_size if "rand" in config.workloads else 0,
+            config.seq_size if "seq" in config.workloads else 0,
+            config.replay_size if "replay" in config.workloads else 0,
+        )
         source_dir = config.source_dir or _default_source_dir(self.directory)
         self.source_path = source_dir / f"sfbench-{os.getpid()}-source.bin"
         self.say(f"writing a {size >> 20} MiB source file at {self.source_path}")
@@ -195,6 +209,26 @@ class Workspace:
         count = min(self.config.touches, pages)
         return array("Q", random.Random(self.config.seed + rep).sample(range(pages), count))
 
+    def trace_pages(self, rep: int) -> array[int]:
+        """The ``replay`` workload's trace: ``replay_touches`` distinct pages in clusters of 1
+        to 16 consecutive pages at random places, clusters in random order."""
+        rng = random.Random(self.config.seed * 7919 + rep)
+        total = self.config.replay_size // self.page_size
+        wanted = min(self.config.replay_touches, total // 2)
+        taken = bytearray(total)
+        clusters: list[range] = []
+        count = 0
+        while count < wanted:
+            length = min(rng.randint(1, 16), wanted - count)
+            start = rng.randrange(total - length)
+            if any(taken[start : start + length]):
+                continue
+            taken[start : start + length] = b"\x01" * length
+            clusters.append(range(start, start + length))
+            count += length
+        rng.shuffle(clusters)
+        return array("Q", (page for cluster in clusters for page in cluster))
+
     def service(self, fault_around: int, rep: int) -> Service:
         return Service(
             self.directory / f"fa{fault_around}-r{rep}",
@@ -221,10 +255,12 @@ def _default_source_dir(fallback: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _region(ws: Workspace, client: Client, size: int, mode: str) -> Iterator[tuple[Any, Any]]:
+def _region(
+    ws: Workspace, client: Client, size: int, mode: str, **attach: Any
+) -> Iterator[tuple[Any, Any]]:
     region = client.create_region(size, source=Source.of_file(ws.source_path))
     try:
-        attachment = client.attach(region, mode=mode)
+        attachment = client.attach(region, mode=mode, **attach)
         if attachment.mode.wire_name != mode:
             attachment.detach()
             raise RuntimeError(f"asked for {mode}, got {attachment.mode.wire_name}")
@@ -330,6 +366,66 @@ def shmfault_seq(ws: Workspace, service: Service, client: Client, mode: str, rep
     }
     record["faults_per_s"] = record["faults"] / (elapsed / 1e9)
     return record
+
+
+def shmfault_replay(
+    ws: Workspace, service: Service, client: Client, mode: str, rep: int, pages: array[int]
+) -> list[Record]:
+    """The trace recorded, then on demand and replayed, each on a fresh region: one record
+    per variant (``record``, ``ondemand``, ``replay``), time to completion in the client."""
+    config = ws.config
+    latencies = array("I", bytes(4 * len(pages)))
+    records: list[Record] = []
+    recording_id = ""
+    for variant in ("record", "ondemand", "replay"):
+        attach: dict[str, Any] = {
+            "record": {"record": True},
+            "ondemand": {},
+            "replay": {"replay": recording_id},
+        }[variant]
+        with _region(ws, client, config.replay_size, mode, **attach) as (region, attachment):
+            with watchdog(service, config.run_timeout, f"replay {variant} {mode}"):
+                before = service.cpu_ns()
+                elapsed = ws.toucher.touch_list(
+                    attachment.address, ws.page_size, pages, latencies, config.write
+                )
+                after = service.cpu_ns()
+                bad = ws.mismatched(attachment.address, pages, len(pages))
+            attachment.detach()
+            entry = next(
+                e for e in client.stats(region.id) if e["attachment_id"] == attachment.attachment_id
+            )
+        if variant == "record":
+            recording_id = _saved_recording(client, entry)
+        counters = dict(entry["counters"])
+        records.append(
+            {
+                "workload": "replay",
+                "subject": "shmfault",
+                "variant": variant,
+                "mode": mode,
+                "fault_around": service.fault_around,
+                "rep": rep,
+                "touches": len(pages),
+                "elapsed_ns": elapsed,
+                "pages_prefetched": int(counters.get("pages_prefetched", 0)),
+                **_service_fields(before, after, counters),
+                "bad_pages": bad,
+                "verified": bad == 0,
+            }
+        )
+    return records
+
+
+def _saved_recording(client: Client, entry: dict[str, Any], timeout: float = 60.0) -> str:
+    """The id of the recording an ended attachment saved, once the service has written it."""
+    recording_id = str(entry["recording_id"])
+    deadline = time.monotonic() + timeout
+    while not any(r["recording_id"] == recording_id for r in client.list_recordings()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"recording {recording_id!r} was never written")
+        time.sleep(0.05)
+    return recording_id
 
 
 # --- baselines ---
@@ -520,6 +616,14 @@ def run_all(config: Config, say: Callable[[str], None]) -> tuple[list[Record], l
                         if "seq" in config.workloads and fault_around in config.seq_fault_around:
                             keep(shmfault_seq(ws, service, client, mode, rep))
                             keep(reference(ws, "seq", mode, fault_around, rep))
+                        if (
+                            "replay" in config.workloads
+                            and fault_around in config.replay_fault_around
+                        ):
+                            for record in shmfault_replay(
+                                ws, service, client, mode, rep, ws.trace_pages(rep)
+                            ):
+                                keep(record)
         notes = list(ws.notes)
     return records, notes
 
@@ -532,6 +636,11 @@ def describe(record: Record) -> str:
     else:
         head += " " * 7
     ok = "ok" if record["verified"] else f"BAD PAGES {record['bad_pages']}"
+    if record["workload"] == "replay":
+        return (
+            f"{head} {record['variant']:8} {record['elapsed_ns'] / 1e6:9.1f} ms  "
+            f"{record['faults']:7} faults  {record['pages_prefetched']:7} prefetched  {ok}"
+        )
     if record["workload"] == "rand":
         return (
             f"{head} p50 {record['p50_ns'] / 1000:7.1f} us  p99 {record['p99_ns'] / 1000:7.1f} us"

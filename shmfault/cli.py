@@ -372,13 +372,18 @@ def _print_region(region: Region) -> None:
 
 def _region_call(args: argparse.Namespace, action: Callable[[Any], int]) -> int:
     from shmfault.client import Client
-    from shmfault.errors import RegionNotFoundError, RequestError, ServiceUnavailableError
+    from shmfault.errors import (
+        RecordingNotFoundError,
+        RegionNotFoundError,
+        RequestError,
+        ServiceUnavailableError,
+    )
 
     error: Exception
     try:
         with Client(args.target) as client:
             return action(client)
-    except RegionNotFoundError as exc:
+    except (RegionNotFoundError, RecordingNotFoundError) as exc:
         code, error = EXIT_NOT_FOUND, exc
     except ServiceUnavailableError as exc:
         code, error = EXIT_UNREACHABLE, exc
@@ -386,11 +391,8 @@ def _region_call(args: argparse.Namespace, action: Callable[[Any], int]) -> int:
         code, error = EXIT_FAILED, exc
     except OSError as exc:
         code, error = EXIT_FAILED, exc
-    print(
-        f"shmfault {'' if args.region_command == 'stats' else 'region '}{args.region_command}: "
-        f"{type(error).__name__}: {error}",
-        file=sys.stderr,
-    )
+    label = getattr(args, "label_for_errors", "") or f"region {args.region_command}"
+    print(f"shmfault {label}: {type(error).__name__}: {error}", file=sys.stderr)
     return code
 
 
@@ -534,7 +536,7 @@ def _add_stats(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("region", nargs="?", default="", help="id or name (default: all)")
     parser.add_argument("--target", metavar="SOCKET|HOST:PORT", help="the service")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    parser.set_defaults(handler=_run_stats, region_command="stats")
+    parser.set_defaults(handler=_run_stats, region_command="stats", label_for_errors="stats")
 
 
 def _run_stats(args: argparse.Namespace) -> int:
@@ -567,6 +569,106 @@ def _micros(nanoseconds: int | None) -> str:
     return "-" if not nanoseconds else f"{nanoseconds / 1000:.0f}us"
 
 
+def _add_recording(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "recording",
+        help="working-set recordings: list, export, import, merge, delete",
+        description="Working-set recordings (docs/recording.md): an attachment made with "
+        "record=True saves the pages it faulted; replay=ID fills them ahead of a later one. "
+        "Exit codes as for 'region'.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--target", metavar="SOCKET|HOST:PORT", help="the service")
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    commands = parser.add_subparsers(dest="recording_command", required=True, metavar="COMMAND")
+
+    ls = commands.add_parser("ls", parents=[common], help="list recordings")
+    ls.add_argument("--region", default="", metavar="ID", help="only this region id's")
+    ls.set_defaults(handler=_run_recording_ls, label_for_errors="recording ls")
+
+    get = commands.add_parser("get", parents=[common], help="export a recording's file")
+    get.add_argument("recording", help="recording id")
+    get.add_argument("-o", "--output", required=True, help="file to write")
+    get.set_defaults(handler=_run_recording_get, label_for_errors="recording get")
+
+    imported = commands.add_parser("import", parents=[common], help="store a recording file")
+    imported.add_argument("file", help="a recording file (docs/recording.md)")
+    imported.set_defaults(handler=_run_recording_import, label_for_errors="recording import")
+
+    merge = commands.add_parser(
+        "merge", parents=[common], help="merge recordings: pages seen in all, average order"
+    )
+    merge.add_argument("recordings", nargs="+", metavar="recording", help="recording id")
+    merge.set_defaults(handler=_run_recording_merge, label_for_errors="recording merge")
+
+    rm = commands.add_parser("rm", parents=[common], help="delete recordings")
+    rm.add_argument("recordings", nargs="+", metavar="recording", help="recording id")
+    rm.set_defaults(handler=_run_recording_rm, label_for_errors="recording rm")
+
+
+def _print_recordings(recordings: list[dict[str, Any]]) -> None:
+    print(f"{'ID':13}  {'REGION':13}  {'SIZE':>9}  {'FAULTS':>8}  {'PAGES':>8}  {'BYTES':>9}")
+    for r in recordings:
+        print(
+            f"{r['recording_id']:13}  {r['region_id']:13}  {_human_size(r['region_size']):>9}  "
+            f"{r['faults']:>8}  {r['pages']:>8}  {r['file_bytes']:>9}"
+        )
+
+
+def _run_recording_ls(args: argparse.Namespace) -> int:
+    def action(client: Any) -> int:
+        found = client.list_recordings(args.region)
+        _emit(args, found, lambda: _print_recordings(found))
+        return EXIT_OK
+
+    return _region_call(args, action)
+
+
+def _run_recording_get(args: argparse.Namespace) -> int:
+    def action(client: Any) -> int:
+        info, data = client.get_recording(args.recording)
+        with open(args.output, "wb") as out:
+            out.write(data)
+        _emit(args, info, lambda: print(f"wrote {len(data)} bytes to {args.output}"))
+        return EXIT_OK
+
+    return _region_call(args, action)
+
+
+def _run_recording_import(args: argparse.Namespace) -> int:
+    with open(args.file, "rb") as source:
+        data = source.read()
+
+    def action(client: Any) -> int:
+        info = client.import_recording(data)
+        _emit(args, info, lambda: _print_recordings([info]))
+        return EXIT_OK
+
+    return _region_call(args, action)
+
+
+def _run_recording_merge(args: argparse.Namespace) -> int:
+    def action(client: Any) -> int:
+        info = client.merge_recordings(args.recordings)
+        _emit(args, info, lambda: _print_recordings([info]))
+        return EXIT_OK
+
+    return _region_call(args, action)
+
+
+def _run_recording_rm(args: argparse.Namespace) -> int:
+    def action(client: Any) -> int:
+        for recording_id in args.recordings:
+            client.delete_recording(recording_id)
+            if not args.json:
+                print(f"deleted {recording_id}")
+        if args.json:
+            _emit(args, {"deleted": args.recordings}, lambda: None)
+        return EXIT_OK
+
+    return _region_call(args, action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="shmfault", description="Lazy shared memory service.")
@@ -575,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(subparsers)
     _add_region(subparsers)
     _add_stats(subparsers)
+    _add_recording(subparsers)
     return parser
 
 

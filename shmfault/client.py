@@ -231,10 +231,14 @@ class Client:
         report: dict[str, object] = json.loads(response.capabilities_json)
         return report
 
-    def issue_attach_token(self, region: str) -> tuple[str, str, str]:
-        """A fresh single-use attach token: ``(region id, token, handoff socket path)``.
-        Raises RegionNotFoundError, ServiceUnavailableError."""
-        request = pb.IssueAttachTokenRequest(region=region)
+    def issue_attach_token(
+        self, region: str, *, record: bool = False, replay: str = ""
+    ) -> tuple[str, str, str]:
+        """A fresh single-use attach token: ``(region id, token, handoff socket path)``. The
+        attachment that uses it records its faults (``record``) or has recording ``replay``'s
+        pages filled ahead of it. Raises RegionNotFoundError, RecordingNotFoundError,
+        InvalidArgumentError, ServiceUnavailableError."""
+        request = pb.IssueAttachTokenRequest(region=region, record=record, replay=replay)
         response = self._call(lambda: self._stub.IssueAttachToken(request, timeout=self.timeout))
         return response.region_id, response.attach_token, response.handoff_socket
 
@@ -245,23 +249,35 @@ class Client:
         mode: str | None = None,
         require: str | None = None,
         timeout: float = DEFAULT_ATTACH_TIMEOUT,
+        record: bool = False,
+        replay: str = "",
     ) -> Attachment:
         """Map ``region`` (id, name or Region) into this process, filled lazily by the service:
         the returned :class:`~shmfault.attach.Attachment` (a context manager) has the memory as
         ``buffer``. ``mode`` forces an attach mode (``shared-copy``, ``shared-continue``,
         ``private-copy``, ``eager``); ``require`` refuses modes worse than the one named. Either
-        raises :class:`~shmfault.attach.AttachError` rather than step down.
+        raises :class:`~shmfault.attach.AttachError` rather than step down. ``record`` saves the
+        faults served as a working-set recording when the attachment ends (its id is in
+        :meth:`stats`); ``replay`` (a recording id) fills that recording's pages ahead of the
+        client (docs/recording.md).
 
         Uses the Region's own token when it has an unused one, else asks for a new one. Works
         from any thread. Blocks for the handshake (an eager attach: until the range is filled).
         Raises RegionNotFoundError, AttachError, ServiceUnavailableError, OSError."""
-        if isinstance(region, Region) and region.attach_token not in self._spent_tokens:
+        options = record or replay
+        if (
+            isinstance(region, Region)
+            and region.attach_token not in self._spent_tokens
+            and not options
+        ):
             region_id, token, handoff = region.id, region.attach_token, region.handoff_socket
             # A token attaches once: remember it so this Region is not offered it again.
             self._spent_tokens.add(token)
         else:
             reference = region.id if isinstance(region, Region) else region
-            region_id, token, handoff = self.issue_attach_token(reference)
+            region_id, token, handoff = self.issue_attach_token(
+                reference, record=record, replay=replay
+            )
         return attach_region(handoff, region_id, token, mode=mode, minimum=require, timeout=timeout)
 
     def stats(self, region: str = "") -> list[dict[str, Any]]:
@@ -271,6 +287,51 @@ class Client:
         request = pb.GetStatsRequest(region=region)
         response = self._call(lambda: self._stub.GetStats(request, timeout=self.timeout))
         return [_stats_from_proto(entry) for entry in response.attachments]
+
+    # --- working-set recordings (docs/recording.md) ---
+
+    def list_recordings(self, region_id: str = "") -> list[dict[str, Any]]:
+        """Stored recordings (of one region id), oldest first. Raises ServiceUnavailableError."""
+        request = pb.ListRecordingsRequest(region_id=region_id)
+        response = self._call(lambda: self._stub.ListRecordings(request, timeout=self.timeout))
+        return [_recording_from_proto(entry) for entry in response.recordings]
+
+    def get_recording(self, recording_id: str) -> tuple[dict[str, Any], bytes]:
+        """A recording's description and its file's bytes. Raises RecordingNotFoundError."""
+        request = pb.GetRecordingRequest(recording_id=recording_id)
+        response = self._call(lambda: self._stub.GetRecording(request, timeout=self.timeout))
+        return _recording_from_proto(response.recording), response.data
+
+    def import_recording(self, data: bytes) -> dict[str, Any]:
+        """Store a recording file under a new id. Raises InvalidArgumentError."""
+        request = pb.ImportRecordingRequest(data=data)
+        response = self._call(lambda: self._stub.ImportRecording(request, timeout=self.timeout))
+        return _recording_from_proto(response)
+
+    def merge_recordings(self, recording_ids: list[str]) -> dict[str, Any]:
+        """A new recording of the pages seen in all of ``recording_ids``, in average order.
+        Raises RecordingNotFoundError, InvalidArgumentError."""
+        request = pb.MergeRecordingsRequest(recording_ids=recording_ids)
+        response = self._call(lambda: self._stub.MergeRecordings(request, timeout=self.timeout))
+        return _recording_from_proto(response)
+
+    def delete_recording(self, recording_id: str) -> None:
+        """Raises RecordingNotFoundError."""
+        request = pb.DeleteRecordingRequest(recording_id=recording_id)
+        self._call(lambda: self._stub.DeleteRecording(request, timeout=self.timeout))
+
+
+def _recording_from_proto(entry: pb.Recording) -> dict[str, Any]:
+    return {
+        "recording_id": entry.recording_id,
+        "region_id": entry.region_id,
+        "page_size": entry.page_size,
+        "region_size": entry.region_size,
+        "faults": entry.faults,
+        "pages": entry.pages,
+        "created": entry.created.ToNanoseconds() / 1e9,
+        "file_bytes": entry.file_bytes,
+    }
 
 
 def _stats_from_proto(entry: pb.AttachmentStats) -> dict[str, Any]:
@@ -287,6 +348,14 @@ def _stats_from_proto(entry: pb.AttachmentStats) -> dict[str, Any]:
         "started": entry.started.ToNanoseconds() / 1e9,
         "ended": entry.ended.ToNanoseconds() / 1e9 if entry.HasField("ended") else None,
         "end_reason": entry.end_reason,
+        "kind": entry.kind,
+        "ranges": [
+            {"base": r.base, "length": r.length, "region_offset": r.region_offset}
+            for r in entry.ranges
+        ],
+        "recording_id": entry.recording_id,
+        "replay_pages": entry.replay_pages,
+        "replay_pending": entry.replay_pending,
         "counters": dict(entry.counters),
         "latency": [{"le_ns": b.le_ns or None, "count": b.count} for b in entry.latency],
     }

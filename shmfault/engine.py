@@ -112,6 +112,7 @@ class AttachmentStats:
     eagain: int = 0
     outside: int = 0
     abandoned: int = 0
+    enomem: int = 0
     events_remove: int = 0
     events_unmap: int = 0
     events_remap: int = 0
@@ -221,6 +222,8 @@ class Attachment:
     kind: str = "attach"
     zero_after_remove: bool = False
     recorder: FaultRecorder | None = None
+    #: the id the recording was saved under, once the attachment has ended
+    recording_id: str = ""
     replay: Sequence[int] | None = None
     #: the next index of ``replay`` to fill
     replay_next: int = 0
@@ -272,7 +275,7 @@ class Attachment:
 
     @property
     def replay_pending(self) -> int:
-        return 0 if self.replay is None else len(self.replay) - self.replay_next
+        return 0 if self.replay is None else max(0, len(self.replay) - self.replay_next)
 
     def describe(self) -> dict[str, Any]:
         """Plain data for GetStats. ``base``/``length``/``region_offset`` are the first
@@ -294,6 +297,7 @@ class Attachment:
             "ended": self.ended,
             "end_reason": self.end_reason,
             "recording": self.recorder is not None,
+            "recording_id": self.recording_id,
             "replay_pages": 0 if self.replay is None else len(self.replay),
             "replay_pending": self.replay_pending,
             "stats": self.stats.to_dict(),
@@ -733,6 +737,13 @@ class FaultEngine:
         except UffdProcessGoneError as exc:
             raise _Gone from exc
         except UffdError as exc:
+            if exc.errno == errno.ENOMEM:
+                # The kernel could not allocate the page (memory cgroup limit, pressure): not
+                # this client's fault nor a broken state. Wake the thread; it faults again and
+                # the fill is tried again then, so memory freed meanwhile lets it run on.
+                attachment.stats.enomem += 1
+                self._wake(attachment, fault.address)
+                return
             if exc.errno != errno.ENOENT:
                 raise
             # No VMA at the address any more: the client unmapped it (its UNMAP event is on its
@@ -986,44 +997,44 @@ class FaultEngine:
     # --- replay: filling recorded pages ahead of the client ---
 
     def _prefetch(self, attachment: Attachment) -> None:
-        """Fill the next :data:`PREFETCH_PAGES` pages of the attachment's replay list, a run of
-        consecutive pages per ioctl. Faults come first: the engine calls this only when no fd
-        is ready. A page that cannot be filled now (raced, EAGAIN, unmapped) is left to fault."""
+        """Fill the next :data:`PREFETCH_PAGES` pages of the attachment's replay list. Each
+        recorded page is filled with its fault-around block, as its fault was when recorded
+        (a recording holds the faults, not the pages fault-around brought with them);
+        overlapping blocks are filled once. A page that cannot be filled now (raced, EAGAIN,
+        unmapped) is simply left to fault."""
         replay = attachment.replay
         assert replay is not None
         page = attachment.region.page_size
         begin = attachment.replay_next
-        chunk = sorted(replay[begin : begin + PREFETCH_PAGES])
-        attachment.replay_next = begin + len(chunk)
-        run_start = 0
-        for position in range(1, len(chunk) + 1):
-            if position < len(chunk) and chunk[position] == chunk[position - 1] + 1:
-                continue
-            start, end = chunk[run_start] * page, (chunk[position - 1] + 1) * page
-            run_start = position
-            while start < end:
-                mapped_range = attachment.range_at_offset(start)
-                if mapped_range is None:
-                    start += page
-                    continue
-                stop = min(end, mapped_range.region_offset + mapped_range.length)
-                before = attachment.stats.pages_filled
-                try:
-                    self._fill(attachment, mapped_range, start, stop, None)
-                except (UffdPageExistsError, UffdRetryError):
-                    pass
-                except UffdProcessGoneError:
-                    self._finish(attachment, "the client's memory is gone (ESRCH)")
-                    return
-                except UffdError as exc:
-                    if exc.errno != errno.ENOENT:
-                        self._failed(attachment, exc)
-                        return
-                except (ShmfaultError, OSError) as exc:
+        attachment.replay_next = begin + PREFETCH_PAGES
+        blocks: list[tuple[MappedRange, int, int]] = []
+        for index in sorted(replay[begin : begin + PREFETCH_PAGES]):
+            mapped_range = attachment.range_at_offset(index * page)
+            if mapped_range is None:
+                continue  # a page outside what this attachment maps
+            start, end = self._window(mapped_range, page, index * page)
+            if blocks and blocks[-1][0] is mapped_range and start <= blocks[-1][2]:
+                blocks[-1] = (mapped_range, blocks[-1][1], max(end, blocks[-1][2]))
+            else:
+                blocks.append((mapped_range, start, end))
+        stats = attachment.stats
+        for mapped_range, start, end in blocks:
+            before = stats.pages_filled
+            try:
+                self._fill(attachment, mapped_range, start, end, None)
+            except (UffdPageExistsError, UffdRetryError):
+                pass
+            except UffdProcessGoneError:
+                self._finish(attachment, "the client's memory is gone (ESRCH)")
+                return
+            except UffdError as exc:
+                if exc.errno != errno.ENOENT:
                     self._failed(attachment, exc)
                     return
-                attachment.stats.pages_prefetched += attachment.stats.pages_filled - before
-                start = stop
+            except (ShmfaultError, OSError) as exc:
+                self._failed(attachment, exc)
+                return
+            stats.pages_prefetched += stats.pages_filled - before
 
 
 def _runs(bitmap: bytearray, first: int, last: int) -> Iterator[tuple[int, int]]:

@@ -170,6 +170,10 @@ class RegionNotFoundError(RequestError, LookupError):
     """No region has that id or name (NOT_FOUND)."""
 
 
+class RecordingNotFoundError(RequestError, LookupError):
+    """No working-set recording has that id (NOT_FOUND)."""
+
+
 class AlreadyExistsError(RequestError):
     """The name is taken by another region (ALREADY_EXISTS)."""
 

@@ -25,8 +25,10 @@ from shmfault._abi import Feature
 from shmfault.engine import Attachment, FaultEngine, MappedRange, new_attachment_id
 from shmfault.errors import (
     PermissionDeniedError,
+    RecordingNotFoundError,
     RegionNotFoundError,
     ShmfaultError,
+    SourceUnavailableError,
     UffdError,
 )
 from shmfault.memory import BackingKind, RegionBacking
@@ -39,7 +41,9 @@ from shmfault.modes import (
     choose,
     requirements,
 )
-from shmfault.store import RegionStore
+from shmfault.recording import Recorder
+from shmfault.recording_store import RecordingStore
+from shmfault.store import AttachOptions, RegionStore
 from shmfault.uffd import NotAUserfaultfdError, Uffd
 
 _log = logging.getLogger("shmfault.handoff")
@@ -72,6 +76,9 @@ class _Handshake:
     uid: int
     region: RegionBacking | None = None
     choice: Choice | None = None
+    options: AttachOptions = field(default_factory=AttachOptions)
+    #: region page indexes to fill ahead of the client (the token's replay recording)
+    replay: list[int] | None = None
     attachment_id: int = field(default_factory=new_attachment_id)
 
 
@@ -94,8 +101,10 @@ class HandoffServer:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_attachments: int = DEFAULT_MAX_ATTACHMENTS,
         max_attachments_per_uid: int = DEFAULT_MAX_ATTACHMENTS_PER_UID,
+        recordings: RecordingStore | None = None,
     ) -> None:
         self._listener = listener
+        self._recordings = recordings
         self._listener.setblocking(False)
         self._store = store
         self._engine = engine
@@ -257,12 +266,15 @@ class HandoffServer:
             raise _Refusal(ErrorCode.SHUTTING_DOWN, "the service is stopping")
         self._check_limits(handshake)
         try:
-            region = self._store.redeem_token(hello.region_id, hello.attach_token)
+            region, options = self._store.redeem_token(hello.region_id, hello.attach_token)
         except RegionNotFoundError as exc:
             raise _Refusal(ErrorCode.NOT_FOUND, str(exc)) from None
         except PermissionDeniedError as exc:
             raise _Refusal(ErrorCode.DENIED, str(exc)) from None
         handshake.region = region
+        handshake.options = options
+        if options.replay:
+            handshake.replay = self._replay_pages(region, options.replay)
         try:
             choice = choose(
                 self._support_for(region),
@@ -285,6 +297,24 @@ class HandoffServer:
         )
         fds = [region.backing.fileno()] if needs.maps_region else []
         _unix.send_packet(handshake.connection, handshake.machine.welcome(welcome), fds)
+
+    def _replay_pages(self, region: RegionBacking, recording_id: str) -> list[int]:
+        """The pages of recording ``recording_id`` to fill ahead of an attachment of
+        ``region``. Checked again here, not only when the token was issued: the recording may
+        have been deleted since."""
+        if self._recordings is None:
+            raise _Refusal(ErrorCode.NOT_FOUND, "this service keeps no recordings")
+        try:
+            made = self._recordings.load(recording_id)
+        except (RecordingNotFoundError, SourceUnavailableError) as exc:
+            raise _Refusal(ErrorCode.NOT_FOUND, str(exc)) from None
+        if (made.page_size, made.region_size) != (region.page_size, region.size):
+            raise _Refusal(
+                ErrorCode.BAD_RANGE,
+                f"recording {recording_id} is of a region of {made.region_size} bytes in "
+                f"{made.page_size}-byte pages, not {region.size} in {region.page_size}",
+            )
+        return made.pages()
 
     def _check_limits(self, handshake: _Handshake) -> None:
         # Handshakes past HELLO count too: each will be an attachment in a moment.
@@ -347,6 +377,16 @@ class HandoffServer:
                 pidfd=_unix.peer_pidfd(handshake.connection),
                 id=handshake.attachment_id,
                 mode_reasons=choice.reasons,
+                recorder=(
+                    Recorder(
+                        page_size=region.page_size,
+                        region_size=region.size,
+                        region_id=region.region_id,
+                    )
+                    if handshake.options.record and uffd is not None
+                    else None
+                ),
+                replay=handshake.replay if uffd is not None else None,
             )
             _unix.send_packet(handshake.connection, handshake.machine.ready(attachment.id))
         except BaseException:

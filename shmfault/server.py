@@ -40,8 +40,9 @@ from typing import Any
 
 from shmfault import _unix, logs, memory, modes, probe
 from shmfault._abi import Feature
-from shmfault.engine import FaultEngine
+from shmfault.engine import Attachment, FaultEngine
 from shmfault.handoff import HandoffServer
+from shmfault.recording_store import RecordingStore
 from shmfault.store import Limits, RegionStore, parse_size
 
 SOCKET_NAME = "shmfault.sock"
@@ -375,6 +376,7 @@ class Server:
     store: RegionStore | None = None
     engine: FaultEngine | None = None
     handoff: HandoffServer | None = None
+    recordings: RecordingStore | None = None
     tcp_port: int = 0
     _bound_socket: bool = field(default=False, repr=False)
 
@@ -420,10 +422,15 @@ class Server:
             source_roots=config.source_roots,
         )
         store = self.store
-        self.engine = FaultEngine(
-            fault_around_pages=config.fault_around_pages,
-            on_end=lambda attachment: store.detach(attachment.region_id),
-        )
+        self.recordings = RecordingStore(Path(config.state_dir) / "recordings")
+        recordings = self.recordings
+
+        def on_end(attachment: Attachment) -> None:
+            store.detach(attachment.region_id)
+            if attachment.recorder is not None:
+                attachment.recording_id = recordings.save_later(attachment.recorder)
+
+        self.engine = FaultEngine(fault_around_pages=config.fault_around_pages, on_end=on_end)
         self.engine.start()
         report = self.capabilities()
         self.handoff = HandoffServer(
@@ -435,6 +442,7 @@ class Server:
             handshake_timeout=config.handshake_timeout,
             max_attachments=config.max_attachments,
             max_attachments_per_uid=config.max_attachments_per_uid,
+            recordings=self.recordings,
         )
         self.handoff.start()
         options = [
@@ -446,7 +454,7 @@ class Server:
             options=options,
         )
         shmfault_pb2_grpc.add_ShmfaultServicer_to_server(
-            ShmfaultService(self.store, self.capabilities, self.engine), server
+            ShmfaultService(self.store, self.capabilities, self.engine, self.recordings), server
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -496,6 +504,8 @@ class Server:
             # Attached clients keep their own userfaultfd: their unfilled pages stay blocked,
             # never zero-filled, until they detach or the service comes back.
             self.engine.stop()
+        if self.recordings is not None:
+            self.recordings.close()  # what ended attachments recorded is on disk before exit
         if self.store is not None:
             self.store.close()
         if self._bound_socket:

@@ -19,6 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from shmfault import errors, store
 from shmfault.memory import BackingKind
+from shmfault.recording_store import RecordingInfo, RecordingStore
 from shmfault.v1 import shmfault_pb2 as pb
 from shmfault.v1 import shmfault_pb2_grpc as pb_grpc
 
@@ -32,6 +33,7 @@ ERROR_FIELD_KEY = "shmfault-field"
 STATUS_OF: dict[type[errors.RequestError], grpc.StatusCode] = {
     errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.RegionNotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.RecordingNotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     errors.QuotaExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.HugePagesUnavailableError: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -240,6 +242,19 @@ def _timestamp(seconds: float | None) -> Timestamp | None:
     return stamp
 
 
+def recording_to_proto(info: RecordingInfo) -> pb.Recording:
+    return pb.Recording(
+        recording_id=info.recording_id,
+        region_id=info.region_id,
+        page_size=info.page_size,
+        region_size=info.region_size,
+        faults=info.faults,
+        pages=info.pages,
+        created=_timestamp(info.created),
+        file_bytes=info.file_bytes,
+    )
+
+
 def attachment_to_proto(data: Mapping[str, Any]) -> pb.AttachmentStats:
     """GetStats' message for one ``FaultEngine.attachments()`` entry."""
     stats = data["stats"]
@@ -257,6 +272,14 @@ def attachment_to_proto(data: Mapping[str, Any]) -> pb.AttachmentStats:
         started=_timestamp(data["started"]),
         ended=_timestamp(data["ended"]),
         end_reason=data["end_reason"],
+        kind=data["kind"],
+        ranges=[
+            pb.AttachedRange(base=r["base"], length=r["length"], region_offset=r["region_offset"])
+            for r in data["ranges"]
+        ],
+        recording_id=data["recording_id"],
+        replay_pages=data["replay_pages"],
+        replay_pending=data["replay_pending"],
         counters=counters,
         latency=[
             pb.LatencyBucket(le_ns=bucket["le_ns"] or 0, count=bucket["count"])
@@ -274,10 +297,17 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
         regions: store.RegionStore,
         capabilities: Callable[[], Mapping[str, object]],
         attachments: Attachments | None = None,
+        recordings: RecordingStore | None = None,
     ) -> None:
         self._store = regions
         self._capabilities = capabilities
         self._attachments = attachments
+        self._recordings = recordings
+
+    def _recording_store(self) -> RecordingStore:
+        if self._recordings is None:
+            raise errors.ServiceUnavailableError("this service keeps no recordings")
+        return self._recordings
 
     def CreateRegion(
         self, request: pb.CreateRegionRequest, context: grpc.ServicerContext
@@ -386,7 +416,19 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
         """See the proto."""
         try:
             region = self._store.get(request.region)
-            token = self._store.issue_token(region.id)
+            if request.replay:
+                # Checked now so that a wrong id fails here, with a status, rather than at
+                # the handshake; the handoff checks again (it may be deleted in between).
+                replayed = self._recording_store().info(request.replay)
+                if (replayed.page_size, replayed.region_size) != (region.page_size, region.size):
+                    raise errors.InvalidArgumentError(
+                        f"recording {request.replay} is of a region of {replayed.region_size} "
+                        f"bytes in {replayed.page_size}-byte pages, not {region.size} in "
+                        f"{region.page_size}",
+                        "replay",
+                    )
+            options = store.AttachOptions(record=request.record, replay=request.replay)
+            token = self._store.issue_token(region.id, options)
             return pb.IssueAttachTokenResponse(
                 region_id=region.id, attach_token=token, handoff_socket=region.handoff_socket
             )
@@ -403,3 +445,54 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
             return pb.GetStatsResponse(attachments=[attachment_to_proto(e) for e in entries])
         except Exception as exc:
             _abort(context, "GetStats", exc)
+
+    def ListRecordings(
+        self, request: pb.ListRecordingsRequest, context: grpc.ServicerContext
+    ) -> pb.ListRecordingsResponse:
+        """See the proto."""
+        try:
+            found = self._recording_store().list(request.region_id)
+            return pb.ListRecordingsResponse(recordings=[recording_to_proto(i) for i in found])
+        except Exception as exc:
+            _abort(context, "ListRecordings", exc)
+
+    def GetRecording(
+        self, request: pb.GetRecordingRequest, context: grpc.ServicerContext
+    ) -> pb.GetRecordingResponse:
+        """See the proto."""
+        try:
+            recordings = self._recording_store()
+            data = recordings.export(request.recording_id)
+            info = recordings.info(request.recording_id)
+            return pb.GetRecordingResponse(recording=recording_to_proto(info), data=data)
+        except Exception as exc:
+            _abort(context, "GetRecording", exc)
+
+    def ImportRecording(
+        self, request: pb.ImportRecordingRequest, context: grpc.ServicerContext
+    ) -> pb.Recording:
+        """See the proto."""
+        try:
+            return recording_to_proto(self._recording_store().import_(request.data))
+        except Exception as exc:
+            _abort(context, "ImportRecording", exc)
+
+    def MergeRecordings(
+        self, request: pb.MergeRecordingsRequest, context: grpc.ServicerContext
+    ) -> pb.Recording:
+        """See the proto."""
+        try:
+            merged = self._recording_store().merge(list(request.recording_ids))
+            return recording_to_proto(merged)
+        except Exception as exc:
+            _abort(context, "MergeRecordings", exc)
+
+    def DeleteRecording(
+        self, request: pb.DeleteRecordingRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteRecordingResponse:
+        """See the proto."""
+        try:
+            self._recording_store().delete(request.recording_id)
+            return pb.DeleteRecordingResponse()
+        except Exception as exc:
+            _abort(context, "DeleteRecording", exc)

@@ -278,13 +278,28 @@ class UnavailableContent:
         """Nothing to release."""
 
 
+#: Unused attach tokens kept per region; issuing more invalidates the oldest.
+MAX_UNUSED_TOKENS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AttachOptions:
+    """What an attach token asks of the attachment that redeems it."""
+
+    #: record the faults served (a working-set recording, saved when the attachment ends)
+    record: bool = False
+    #: id of a recording whose pages are filled ahead of the client ("" for none)
+    replay: str = ""
+
+
 @dataclass(slots=True)
 class _Entry:
     region: Region
     data: RegionBacking
     attachments: int = 0
     dependents: set[str] = field(default_factory=set)
-    token_hashes: set[bytes] = field(default_factory=set)
+    #: attach tokens not yet used (hashed), with what each asks of its attachment
+    token_hashes: dict[bytes, AttachOptions] = field(default_factory=dict)
 
 
 def _token_hash(token: str) -> bytes:
@@ -650,7 +665,7 @@ class RegionStore:
             with self._lock:
                 with self._transaction() as db:
                     db.execute("UPDATE regions SET state = 'ready' WHERE id = ?", (region_id,))
-                entry = _Entry(region, data, token_hashes={_token_hash(token)})
+                entry = _Entry(region, data, token_hashes={_token_hash(token): AttachOptions()})
                 self._entries[region_id] = entry
         except OSError as exc:
             self._abort_create(region, content if data is None else None, data, depends_on)
@@ -844,17 +859,23 @@ class RegionStore:
 
     # -- attachments (used by the lazy-attach handoff) -------------------------------------
 
-    def issue_token(self, ref: str) -> str:
-        """A fresh single-use attach token for the region. Raises RegionNotFoundError."""
+    def issue_token(self, ref: str, options: AttachOptions | None = None) -> str:
+        """A fresh single-use attach token for the region, carrying ``options`` to the
+        attachment. Raises RegionNotFoundError."""
         token = secrets.token_urlsafe(32)
         with self._lock:
-            self._lookup(ref).token_hashes.add(_token_hash(token))
+            hashes = self._lookup(ref).token_hashes
+            hashes[_token_hash(token)] = options or AttachOptions()
+            if len(hashes) > MAX_UNUSED_TOKENS:
+                # A client that asks for tokens and never attaches must not grow the service
+                # without bound: the oldest unused token stops being valid.
+                del hashes[next(iter(hashes))]
         return token
 
-    def redeem_token(self, region_id: str, token: str) -> RegionBacking:
+    def redeem_token(self, region_id: str, token: str) -> tuple[RegionBacking, AttachOptions]:
         """Consume ``token`` of region ``region_id`` and count one attachment; the caller must
-        call :meth:`detach` when it ends. Raises RegionNotFoundError, PermissionDeniedError
-        (unknown or used token)."""
+        call :meth:`detach` when it ends. Returns the region and the token's options. Raises
+        RegionNotFoundError, PermissionDeniedError (unknown or used token)."""
         with self._lock:
             entry = self._lookup(region_id)
             digest = _token_hash(token)
@@ -863,9 +884,9 @@ class RegionStore:
                     f"attach token is not valid for region {entry.region.id} (unknown or used)",
                     "token",
                 )
-            entry.token_hashes.discard(digest)
+            options = entry.token_hashes.pop(digest)
             entry.attachments += 1
-            return entry.data
+            return entry.data, options
 
     def detach(self, region_id: str) -> None:
         """Count one attachment of ``region_id`` as ended (no-op once the region is gone)."""

@@ -644,15 +644,27 @@ class IssueAttachTokenRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REGION_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    REPLAY_FIELD_NUMBER: _builtins.int
     region: _builtins.str
+    record: _builtins.bool
+    """Record the faults this attachment serves; the recording is saved when it ends and its id
+    shows in GetStats (`recording_id`).
+    """
+    replay: _builtins.str
+    """A recording id: its pages are filled ahead of the client, in recorded order, while faults
+    are still served first. The recording must be of a region of the same size and page size.
+    """
     def __init__(
         self,
         *,
         region: _builtins.str = ...,
+        record: _builtins.bool = ...,
+        replay: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["record", b"record", "region", b"region", "replay", b"replay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -768,6 +780,11 @@ class AttachmentStats(_message.Message):
     COUNTERS_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
     MODE_REASONS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    RANGES_FIELD_NUMBER: _builtins.int
+    RECORDING_ID_FIELD_NUMBER: _builtins.int
+    REPLAY_PAGES_FIELD_NUMBER: _builtins.int
+    REPLAY_PENDING_FIELD_NUMBER: _builtins.int
     attachment_id: _builtins.int
     region_id: _builtins.str
     mode: _builtins.str
@@ -781,6 +798,13 @@ class AttachmentStats(_message.Message):
     end_reason: _builtins.str
     mode_reasons: _builtins.str
     """One "mode: why" line per better mode the service passed over for this attachment."""
+    kind: _builtins.str
+    """"attach" (a shmfault client) or "firecracker" (a VMM, docs/firecracker.md)."""
+    recording_id: _builtins.str
+    """The id its recording was saved under (IssueAttachToken's `record`), once it has ended."""
+    replay_pages: _builtins.int
+    """Pages of the replayed recording, and how many of them are not filled yet."""
+    replay_pending: _builtins.int
     @_builtins.property
     def started(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -796,6 +820,10 @@ class AttachmentStats(_message.Message):
     @_builtins.property
     def latency(self) -> _containers.RepeatedCompositeFieldContainer[Global___LatencyBucket]:
         """From the read(2) that returned a fault to the return of the ioctl that resolved it."""
+
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttachedRange]:
+        """Every range of the attachment; base/length/region_offset above are the first one's."""
 
     def __init__(
         self,
@@ -814,14 +842,244 @@ class AttachmentStats(_message.Message):
         counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         latency: _abc.Iterable[Global___LatencyBucket] | None = ...,
         mode_reasons: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        ranges: _abc.Iterable[Global___AttachedRange] | None = ...,
+        recording_id: _builtins.str = ...,
+        replay_pages: _builtins.int = ...,
+        replay_pending: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_id", b"attachment_id", "base", b"base", "counters", b"counters", "end_reason", b"end_reason", "ended", b"ended", "latency", b"latency", "length", b"length", "mode", b"mode", "mode_reasons", b"mode_reasons", "pid", b"pid", "region_id", b"region_id", "region_offset", b"region_offset", "started", b"started", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_id", b"attachment_id", "base", b"base", "counters", b"counters", "end_reason", b"end_reason", "ended", b"ended", "kind", b"kind", "latency", b"latency", "length", b"length", "mode", b"mode", "mode_reasons", b"mode_reasons", "pid", b"pid", "ranges", b"ranges", "recording_id", b"recording_id", "region_id", b"region_id", "region_offset", b"region_offset", "replay_pages", b"replay_pages", "replay_pending", b"replay_pending", "started", b"started", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AttachmentStats: _TypeAlias = AttachmentStats  # noqa: Y015
+
+@_typing.final
+class AttachedRange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASE_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    REGION_OFFSET_FIELD_NUMBER: _builtins.int
+    base: _builtins.int
+    length: _builtins.int
+    region_offset: _builtins.int
+    def __init__(
+        self,
+        *,
+        base: _builtins.int = ...,
+        length: _builtins.int = ...,
+        region_offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "length", b"length", "region_offset", b"region_offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachedRange: _TypeAlias = AttachedRange  # noqa: Y015
+
+@_typing.final
+class Recording(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDING_ID_FIELD_NUMBER: _builtins.int
+    REGION_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    REGION_SIZE_FIELD_NUMBER: _builtins.int
+    FAULTS_FIELD_NUMBER: _builtins.int
+    PAGES_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    FILE_BYTES_FIELD_NUMBER: _builtins.int
+    recording_id: _builtins.str
+    """"w" followed by 12 hex digits."""
+    region_id: _builtins.str
+    """The region recorded (it may since have been deleted: replay needs only the same size)."""
+    page_size: _builtins.int
+    region_size: _builtins.int
+    faults: _builtins.int
+    """Faults recorded, and distinct pages among them."""
+    pages: _builtins.int
+    file_bytes: _builtins.int
+    """Size of the recording file."""
+    @_builtins.property
+    def created(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        recording_id: _builtins.str = ...,
+        region_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        region_size: _builtins.int = ...,
+        faults: _builtins.int = ...,
+        pages: _builtins.int = ...,
+        created: _timestamp_pb2.Timestamp | None = ...,
+        file_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "faults", b"faults", "file_bytes", b"file_bytes", "page_size", b"page_size", "pages", b"pages", "recording_id", b"recording_id", "region_id", b"region_id", "region_size", b"region_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Recording: _TypeAlias = Recording  # noqa: Y015
+
+@_typing.final
+class ListRecordingsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_ID_FIELD_NUMBER: _builtins.int
+    region_id: _builtins.str
+    """Empty: every region's."""
+    def __init__(
+        self,
+        *,
+        region_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region_id", b"region_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRecordingsRequest: _TypeAlias = ListRecordingsRequest  # noqa: Y015
+
+@_typing.final
+class ListRecordingsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def recordings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Recording]: ...
+    def __init__(
+        self,
+        *,
+        recordings: _abc.Iterable[Global___Recording] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recordings", b"recordings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRecordingsResponse: _TypeAlias = ListRecordingsResponse  # noqa: Y015
+
+@_typing.final
+class GetRecordingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDING_ID_FIELD_NUMBER: _builtins.int
+    recording_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        recording_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recording_id", b"recording_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRecordingRequest: _TypeAlias = GetRecordingRequest  # noqa: Y015
+
+@_typing.final
+class GetRecordingResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDING_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    @_builtins.property
+    def recording(self) -> Global___Recording: ...
+    def __init__(
+        self,
+        *,
+        recording: Global___Recording | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["recording", b"recording"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "recording", b"recording"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRecordingResponse: _TypeAlias = GetRecordingResponse  # noqa: Y015
+
+@_typing.final
+class ImportRecordingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportRecordingRequest: _TypeAlias = ImportRecordingRequest  # noqa: Y015
+
+@_typing.final
+class MergeRecordingsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDING_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def recording_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        recording_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recording_ids", b"recording_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeRecordingsRequest: _TypeAlias = MergeRecordingsRequest  # noqa: Y015
+
+@_typing.final
+class DeleteRecordingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDING_ID_FIELD_NUMBER: _builtins.int
+    recording_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        recording_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recording_id", b"recording_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRecordingRequest: _TypeAlias = DeleteRecordingRequest  # noqa: Y015
+
+@_typing.final
+class DeleteRecordingResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRecordingResponse: _TypeAlias = DeleteRecordingResponse  # noqa: Y015
 
 @_typing.final
 class GetStatsResponse(_message.Message):

@@ -79,6 +79,31 @@ class ShmfaultStub:
                 request_serializer=shmfault_dot_v1_dot_shmfault__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=shmfault_dot_v1_dot_shmfault__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.ListRecordings = channel.unary_unary(
+                '/shmfault.v1.Shmfault/ListRecordings',
+                request_serializer=shmfault_dot_v1_dot_shmfault__pb2.ListRecordingsRequest.SerializeToString,
+                response_deserializer=shmfault_dot_v1_dot_shmfault__pb2.ListRecordingsResponse.FromString,
+                _registered_method=True)
+        self.GetRecording = channel.unary_unary(
+                '/shmfault.v1.Shmfault/GetRecording',
+                request_serializer=shmfault_dot_v1_dot_shmfault__pb2.GetRecordingRequest.SerializeToString,
+                response_deserializer=shmfault_dot_v1_dot_shmfault__pb2.GetRecordingResponse.FromString,
+                _registered_method=True)
+        self.ImportRecording = channel.unary_unary(
+                '/shmfault.v1.Shmfault/ImportRecording',
+                request_serializer=shmfault_dot_v1_dot_shmfault__pb2.ImportRecordingRequest.SerializeToString,
+                response_deserializer=shmfault_dot_v1_dot_shmfault__pb2.Recording.FromString,
+                _registered_method=True)
+        self.MergeRecordings = channel.unary_unary(
+                '/shmfault.v1.Shmfault/MergeRecordings',
+                request_serializer=shmfault_dot_v1_dot_shmfault__pb2.MergeRecordingsRequest.SerializeToString,
+                response_deserializer=shmfault_dot_v1_dot_shmfault__pb2.Recording.FromString,
+                _registered_method=True)
+        self.DeleteRecording = channel.unary_unary(
+                '/shmfault.v1.Shmfault/DeleteRecording',
+                request_serializer=shmfault_dot_v1_dot_shmfault__pb2.DeleteRecordingRequest.SerializeToString,
+                response_deserializer=shmfault_dot_v1_dot_shmfault__pb2.DeleteRecordingResponse.FromString,
+                _registered_method=True)
 
 
 class ShmfaultServicer:
@@ -152,6 +177,43 @@ class ShmfaultServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRecordings(self, request, context):
+        """Working-set recordings (docs/recording.md): an attachment issued with `record` saves the
+        faults it served as a recording when it ends; one issued with `replay` gets a recording's
+        pages filled ahead of it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRecording(self, request, context):
+        """One recording, with its file's bytes (docs/recording.md has the format).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportRecording(self, request, context):
+        """Stores a recording file made elsewhere under a new id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MergeRecordings(self, request, context):
+        """A new recording of the pages seen in all the given ones (of one region), in their average
+        order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRecording(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShmfaultServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +261,31 @@ def add_ShmfaultServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=shmfault_dot_v1_dot_shmfault__pb2.GetStatsRequest.FromString,
                     response_serializer=shmfault_dot_v1_dot_shmfault__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'ListRecordings': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRecordings,
+                    request_deserializer=shmfault_dot_v1_dot_shmfault__pb2.ListRecordingsRequest.FromString,
+                    response_serializer=shmfault_dot_v1_dot_shmfault__pb2.ListRecordingsResponse.SerializeToString,
+            ),
+            'GetRecording': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRecording,
+                    request_deserializer=shmfault_dot_v1_dot_shmfault__pb2.GetRecordingRequest.FromString,
+                    response_serializer=shmfault_dot_v1_dot_shmfault__pb2.GetRecordingResponse.SerializeToString,
+            ),
+            'ImportRecording': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportRecording,
+                    request_deserializer=shmfault_dot_v1_dot_shmfault__pb2.ImportRecordingRequest.FromString,
+                    response_serializer=shmfault_dot_v1_dot_shmfault__pb2.Recording.SerializeToString,
+            ),
+            'MergeRecordings': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeRecordings,
+                    request_deserializer=shmfault_dot_v1_dot_shmfault__pb2.MergeRecordingsRequest.FromString,
+                    response_serializer=shmfault_dot_v1_dot_shmfault__pb2.Recording.SerializeToString,
+            ),
+            'DeleteRecording': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRecording,
+                    request_deserializer=shmfault_dot_v1_dot_shmfault__pb2.DeleteRecordingRequest.FromString,
+                    response_serializer=shmfault_dot_v1_dot_shmfault__pb2.DeleteRecordingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -444,6 +531,141 @@ class Shmfault:
             '/shmfault.v1.Shmfault/GetStats',
             shmfault_dot_v1_dot_shmfault__pb2.GetStatsRequest.SerializeToString,
             shmfault_dot_v1_dot_shmfault__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRecordings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shmfault.v1.Shmfault/ListRecordings',
+            shmfault_dot_v1_dot_shmfault__pb2.ListRecordingsRequest.SerializeToString,
+            shmfault_dot_v1_dot_shmfault__pb2.ListRecordingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRecording(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shmfault.v1.Shmfault/GetRecording',
+            shmfault_dot_v1_dot_shmfault__pb2.GetRecordingRequest.SerializeToString,
+            shmfault_dot_v1_dot_shmfault__pb2.GetRecordingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportRecording(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shmfault.v1.Shmfault/ImportRecording',
+            shmfault_dot_v1_dot_shmfault__pb2.ImportRecordingRequest.SerializeToString,
+            shmfault_dot_v1_dot_shmfault__pb2.Recording.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeRecordings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shmfault.v1.Shmfault/MergeRecordings',
+            shmfault_dot_v1_dot_shmfault__pb2.MergeRecordingsRequest.SerializeToString,
+            shmfault_dot_v1_dot_shmfault__pb2.Recording.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRecording(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shmfault.v1.Shmfault/DeleteRecording',
+            shmfault_dot_v1_dot_shmfault__pb2.DeleteRecordingRequest.SerializeToString,
+            shmfault_dot_v1_dot_shmfault__pb2.DeleteRecordingResponse.FromString,
             options,
             channel_credentials,
             insecure,

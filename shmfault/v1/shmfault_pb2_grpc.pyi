@@ -68,6 +68,20 @@ class ShmfaultStub:
     """Statistics of the attachments of one region (or of all regions): the live ones and the
     most recently ended ones, with their fault counters and latency histograms.
     """
+    ListRecordings: _grpc.UnaryUnaryMultiCallable[_shmfault_pb2.ListRecordingsRequest, _shmfault_pb2.ListRecordingsResponse]
+    """Working-set recordings (docs/recording.md): an attachment issued with `record` saves the
+    faults it served as a recording when it ends; one issued with `replay` gets a recording's
+    pages filled ahead of it.
+    """
+    GetRecording: _grpc.UnaryUnaryMultiCallable[_shmfault_pb2.GetRecordingRequest, _shmfault_pb2.GetRecordingResponse]
+    """One recording, with its file's bytes (docs/recording.md has the format)."""
+    ImportRecording: _grpc.UnaryUnaryMultiCallable[_shmfault_pb2.ImportRecordingRequest, _shmfault_pb2.Recording]
+    """Stores a recording file made elsewhere under a new id."""
+    MergeRecordings: _grpc.UnaryUnaryMultiCallable[_shmfault_pb2.MergeRecordingsRequest, _shmfault_pb2.Recording]
+    """A new recording of the pages seen in all the given ones (of one region), in their average
+    order.
+    """
+    DeleteRecording: _grpc.UnaryUnaryMultiCallable[_shmfault_pb2.DeleteRecordingRequest, _shmfault_pb2.DeleteRecordingResponse]
 
 @_typing.type_check_only
 class ShmfaultAsyncStub(ShmfaultStub):
@@ -100,6 +114,20 @@ class ShmfaultAsyncStub(ShmfaultStub):
     """Statistics of the attachments of one region (or of all regions): the live ones and the
     most recently ended ones, with their fault counters and latency histograms.
     """
+    ListRecordings: _aio.UnaryUnaryMultiCallable[_shmfault_pb2.ListRecordingsRequest, _shmfault_pb2.ListRecordingsResponse]  # type: ignore[assignment]
+    """Working-set recordings (docs/recording.md): an attachment issued with `record` saves the
+    faults it served as a recording when it ends; one issued with `replay` gets a recording's
+    pages filled ahead of it.
+    """
+    GetRecording: _aio.UnaryUnaryMultiCallable[_shmfault_pb2.GetRecordingRequest, _shmfault_pb2.GetRecordingResponse]  # type: ignore[assignment]
+    """One recording, with its file's bytes (docs/recording.md has the format)."""
+    ImportRecording: _aio.UnaryUnaryMultiCallable[_shmfault_pb2.ImportRecordingRequest, _shmfault_pb2.Recording]  # type: ignore[assignment]
+    """Stores a recording file made elsewhere under a new id."""
+    MergeRecordings: _aio.UnaryUnaryMultiCallable[_shmfault_pb2.MergeRecordingsRequest, _shmfault_pb2.Recording]  # type: ignore[assignment]
+    """A new recording of the pages seen in all the given ones (of one region), in their average
+    order.
+    """
+    DeleteRecording: _aio.UnaryUnaryMultiCallable[_shmfault_pb2.DeleteRecordingRequest, _shmfault_pb2.DeleteRecordingResponse]  # type: ignore[assignment]
 
 class ShmfaultServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -183,5 +211,49 @@ class ShmfaultServicer(metaclass=_abc_1.ABCMeta):
         """Statistics of the attachments of one region (or of all regions): the live ones and the
         most recently ended ones, with their fault counters and latency histograms.
         """
+
+    @_abc_1.abstractmethod
+    def ListRecordings(
+        self,
+        request: _shmfault_pb2.ListRecordingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shmfault_pb2.ListRecordingsResponse, _abc.Awaitable[_shmfault_pb2.ListRecordingsResponse]]:
+        """Working-set recordings (docs/recording.md): an attachment issued with `record` saves the
+        faults it served as a recording when it ends; one issued with `replay` gets a recording's
+        pages filled ahead of it.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRecording(
+        self,
+        request: _shmfault_pb2.GetRecordingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shmfault_pb2.GetRecordingResponse, _abc.Awaitable[_shmfault_pb2.GetRecordingResponse]]:
+        """One recording, with its file's bytes (docs/recording.md has the format)."""
+
+    @_abc_1.abstractmethod
+    def ImportRecording(
+        self,
+        request: _shmfault_pb2.ImportRecordingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shmfault_pb2.Recording, _abc.Awaitable[_shmfault_pb2.Recording]]:
+        """Stores a recording file made elsewhere under a new id."""
+
+    @_abc_1.abstractmethod
+    def MergeRecordings(
+        self,
+        request: _shmfault_pb2.MergeRecordingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shmfault_pb2.Recording, _abc.Awaitable[_shmfault_pb2.Recording]]:
+        """A new recording of the pages seen in all the given ones (of one region), in their average
+        order.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteRecording(
+        self,
+        request: _shmfault_pb2.DeleteRecordingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shmfault_pb2.DeleteRecordingResponse, _abc.Awaitable[_shmfault_pb2.DeleteRecordingResponse]]: ...
 
 def add_ShmfaultServicer_to_server(servicer: ShmfaultServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -22,7 +22,15 @@ from shmfault.errors import (
     SourceUnavailableError,
 )
 from shmfault.memory import BackingKind
-from shmfault.store import FillPolicy, Limits, RegionStore, Source, SourceKind
+from shmfault.store import (
+    MAX_UNUSED_TOKENS,
+    AttachOptions,
+    FillPolicy,
+    Limits,
+    RegionStore,
+    Source,
+    SourceKind,
+)
 from tests.conftest import no_free_huge_pages
 
 pytestmark = pytest.mark.timeout(30)
@@ -312,6 +320,25 @@ def test_tokens_are_single_use_and_attachments_block_delete(store: RegionStore) 
     second = store.issue_token(region.id)
     store.redeem_token(region.id, second)
     assert store.delete(region.id, force=True).attachments == 1
+
+
+def test_a_token_carries_its_attach_options_and_the_default_is_none(store: RegionStore) -> None:
+    region = store.create(PAGE)
+    _data, options = store.redeem_token(region.id, region.attach_token)
+    assert options == AttachOptions()
+    asked = AttachOptions(record=True, replay="w0123456789ab")
+    token = store.issue_token(region.id, asked)
+    assert store.redeem_token(region.id, token)[1] == asked
+
+
+def test_unused_tokens_are_bounded_per_region_oldest_first(store: RegionStore) -> None:
+    region = store.create(PAGE)
+    oldest = store.issue_token(region.id)
+    newer = [store.issue_token(region.id) for _ in range(MAX_UNUSED_TOKENS)]
+    with pytest.raises(PermissionDeniedError, match="unknown or used"):
+        store.redeem_token(region.id, oldest)
+    for token in (newer[0], newer[-1]):
+        store.redeem_token(region.id, token)
 
 
 def test_restart_keeps_regions_and_posix_shm_content(
