@@ -140,6 +140,11 @@ class EventDecodeError(ShmfaultError):
         return (type(self), (str(self), self.events))
 
 
+class RecordingFormatError(ShmfaultError, ValueError):
+    """A working-set recording (``docs/recording.md``) is malformed, or recordings that must share
+    a geometry do not; the message names the field or entry at fault."""
+
+
 def errno_of(exc: OSError) -> int:
     """The errno of an OSError raised by a system call (EIO for the rare one built without)."""
     return exc.errno if exc.errno is not None else _errno.EIO
