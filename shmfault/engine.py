@@ -47,7 +47,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from shmfault import _unix, logs, protocol
 from shmfault.errors import (
@@ -60,6 +60,7 @@ from shmfault.errors import (
 from shmfault.events import Pagefault, Remap, Remove, Unmap
 from shmfault.memory import BackingKind, RegionBacking
 from shmfault.modes import Mode
+from shmfault.recording import Recorder
 from shmfault.uffd import Uffd
 
 _log = logging.getLogger("shmfault.engine")
@@ -79,12 +80,6 @@ PREFETCH_PAGES = 64
 FINISHED_KEPT = 1024
 
 _next_attachment_id = itertools.count(1)
-
-
-class FaultRecorder(Protocol):
-    """What the engine records faults into (:class:`shmfault.recording.Recorder`)."""
-
-    def record(self, page_index: int, write: bool) -> None: ...
 
 
 def new_attachment_id() -> int:
@@ -221,7 +216,7 @@ class Attachment:
     mode_reasons: str = ""
     kind: str = "attach"
     zero_after_remove: bool = False
-    recorder: FaultRecorder | None = None
+    recorder: Recorder | None = None
     #: the id the recording was saved under, once the attachment has ended
     recording_id: str = ""
     replay: Sequence[int] | None = None
@@ -656,7 +651,7 @@ class FaultEngine:
                 _unix.close_fds([event.uffd_fd])
         return True
 
-    def _record(self, attachment: Attachment, recorder: FaultRecorder, fault: Pagefault) -> None:
+    def _record(self, attachment: Attachment, recorder: Recorder, fault: Pagefault) -> None:
         mapped_range = attachment.range_of(fault.address)
         if mapped_range is not None:
             offset = mapped_range.region_offset + (fault.address - mapped_range.base)
@@ -1006,7 +1001,6 @@ class FaultEngine:
         assert replay is not None
         page = attachment.region.page_size
         begin = attachment.replay_next
-        attachment.replay_next = begin + PREFETCH_PAGES
         blocks: list[tuple[MappedRange, int, int]] = []
         for index in sorted(replay[begin : begin + PREFETCH_PAGES]):
             mapped_range = attachment.range_at_offset(index * page)
@@ -1035,6 +1029,9 @@ class FaultEngine:
                 self._failed(attachment, exc)
                 return
             stats.pages_prefetched += stats.pages_filled - before
+        # Advanced last: GetStats reads it from another thread, and "nothing pending" must
+        # mean the pages are in.
+        attachment.replay_next = begin + PREFETCH_PAGES
 
 
 def _runs(bitmap: bytearray, first: int, last: int) -> Iterator[tuple[int, int]]:

@@ -102,7 +102,7 @@ def test_replay_fills_the_recorded_blocks_before_the_client_touches_them(
         entry = entry_of(client, attached.attachment_id)
         assert entry["replay_pages"] == 48
         # Each recorded page came with its fault-around block, as when it was recorded.
-        assert entry["counters"]["pages_prefetched"] == 48 * FAULT_AROUND
+        assert entry["counters"]["pages_prefetched"] == 48 * FAULT_AROUND, entry
         memory = Memory.of(attached)
         for page in pages:
             for neighbour in (
