@@ -41,6 +41,8 @@ from typing import Any
 from shmfault import _unix, logs, memory, modes, probe
 from shmfault._abi import Feature
 from shmfault.engine import FaultEngine
+from shmfault.firecracker import FirecrackerEndpoints
+from shmfault.firecracker import Limits as EndpointLimits
 from shmfault.handoff import HandoffServer
 from shmfault.store import Limits, RegionStore, parse_size
 
@@ -375,6 +377,7 @@ class Server:
     store: RegionStore | None = None
     engine: FaultEngine | None = None
     handoff: HandoffServer | None = None
+    firecracker: FirecrackerEndpoints | None = None
     tcp_port: int = 0
     _bound_socket: bool = field(default=False, repr=False)
 
@@ -437,6 +440,16 @@ class Server:
             max_attachments_per_uid=config.max_attachments_per_uid,
         )
         self.handoff.start()
+        self.firecracker = FirecrackerEndpoints(
+            self.store,
+            self.engine,
+            gid=gid,
+            limits=EndpointLimits(
+                handshake_timeout=config.handshake_timeout,
+                max_attachments=config.max_attachments,
+                max_attachments_per_uid=config.max_attachments_per_uid,
+            ),
+        )
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -446,7 +459,8 @@ class Server:
             options=options,
         )
         shmfault_pb2_grpc.add_ShmfaultServicer_to_server(
-            ShmfaultService(self.store, self.capabilities, self.engine), server
+            ShmfaultService(self.store, self.capabilities, self.engine, self.firecracker),
+            server,
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -492,6 +506,10 @@ class Server:
             self.handoff.stop()
         if self.grpc_server is not None:
             self.grpc_server.stop(self.config.grace_seconds).wait()
+        if self.firecracker is not None:
+            # After the RPCs (none can open another) and before the engine (a VM accepted
+            # meanwhile is still served, then ended with the rest).
+            self.firecracker.stop()
         if self.engine is not None:
             # Attached clients keep their own userfaultfd: their unfilled pages stay blocked,
             # never zero-filled, until they detach or the service comes back.
