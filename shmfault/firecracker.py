@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from shmfault import _unix, logs
-from shmfault._abi import RegisterMode
+from shmfault._abi import Feature, RegisterMode
 from shmfault.engine import Attachment, FaultEngine, MappedRange
 from shmfault.errors import (
     AlreadyExistsError,
@@ -49,6 +49,7 @@ from shmfault.errors import (
     ServiceUnavailableError,
     UffdError,
 )
+from shmfault.memory import base_page_size
 from shmfault.modes import FORBIDDEN_FEATURES, Mode
 from shmfault.store import RegionStore
 from shmfault.uffd import NotAUserfaultfdError, Uffd
@@ -571,7 +572,7 @@ class FirecrackerEndpoint:
             raise _Refusal(str(exc)) from None
         except MappingError as exc:
             raise _Refusal(str(exc)) from None
-        uffd = self._adopt(pending, mappings)
+        uffd = self._adopt(pending, mappings, huge=region.page_size != base_page_size())
         try:
             try:
                 region = self._store.attach(self.region_id)
@@ -621,7 +622,9 @@ class FirecrackerEndpoint:
         if mine >= self._limits.max_attachments_per_uid:
             raise _Refusal(f"uid {uid} has {mine} attachments, the limit per uid")
 
-    def _adopt(self, pending: _Pending, mappings: Sequence[GuestRegionMapping]) -> Uffd:
+    def _adopt(
+        self, pending: _Pending, mappings: Sequence[GuestRegionMapping], *, huge: bool
+    ) -> Uffd:
         fd = pending.fds[0]
         try:
             uffd = Uffd.adopt(fd)
@@ -632,6 +635,14 @@ class FirecrackerEndpoint:
             forbidden = uffd.features & FORBIDDEN_FEATURES
             if forbidden:
                 raise _Refusal(f"the userfaultfd has forbidden features {forbidden!r}")
+            if huge and uffd.features & Feature.EVENT_REMOVE:
+                # A balloon's removed pages read zeros on their next fault, and the engine
+                # zero-fills with UFFDIO_ZEROPAGE, which hugetlbfs lacks: refuse rather than
+                # fail that fault later, with the guest blocked.
+                raise _Refusal(
+                    "a hugetlbfs guest with EVENT_REMOVE (a balloon device) is not served: "
+                    "zero-filling removed huge pages is not supported"
+                )
             for index, mapping in enumerate(mappings):
                 try:
                     # Registering again through the received fd proves that the range is

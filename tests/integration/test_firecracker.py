@@ -506,3 +506,30 @@ def test_cli_round_trip(
     code, _out, err = cli("firecracker", *target)
     assert code == 2
     machine.exit()
+
+
+@pytest.mark.timeout(60)
+def test_a_hugetlbfs_guest_is_served_from_a_hugetlb_region_without_a_balloon(
+    service: Service,
+    client: Client,
+    tmp_path: Path,
+    children: Callable[..., Child],
+    huge_pages: int,
+) -> None:
+    huge = 2 << 20
+    path, data = random_file(tmp_path, 2 * huge, "huge.mem")
+    region = client.create_region(2 * huge, backing="hugetlb", source=Source.of_file(path))
+    assert region.page_size == huge
+    endpoint = client.open_firecracker_endpoint(region.id, str(service.base / "huge.sock"))
+    regions = [GuestRegion(huge, huge, page_size=huge)]
+    # Firecracker enables EVENT_REMOVE only for a balloon device; without one it is served.
+    machine = Vmm(children, endpoint, regions, path, Handshake(features=Feature(0)))
+    assert machine.read(0, 0, 3 * PAGE) == file_bytes(data, regions[0], 0, 3 * PAGE)
+    assert machine.read(0) == file_bytes(data, regions[0])
+    assert served_entry(client, machine.pid)["counters"]["pages_filled"] == 1
+    machine.exit()
+    # With one, removed huge pages would need zero-filling the engine cannot do: refused.
+    refused = Vmm(children, endpoint, regions, path)
+    assert refused.closed_by_handler()
+    settle(lambda: "hugetlbfs guest with EVENT_REMOVE" in service.logs(), "the refusal")
+    refused.exit()
