@@ -22,6 +22,7 @@ from shmfault.v1 import shmfault_pb2 as pb
 EXPECTED = {
     errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.RegionNotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.EndpointNotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     errors.QuotaExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.HugePagesUnavailableError: grpc.StatusCode.RESOURCE_EXHAUSTED,
