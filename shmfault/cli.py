@@ -669,6 +669,162 @@ def _run_recording_rm(args: argparse.Namespace) -> int:
     return _region_call(args, action)
 
 
+def _add_firecracker(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "firecracker",
+        help="serve Firecracker VMMs' snapshot memory (Uffd memory backend)",
+        description="Open a socket where Firecracker VMMs restoring a snapshot with "
+        'mem_backend {"backend_type": "Uffd", "backend_path": SOCKET} hand over their guest '
+        "memory; shmfault serves it from a region (--region) or from the snapshot memory file "
+        "(--snapshot: a file-source region is created first). Prints the endpoint as JSON. "
+        "'ls' lists endpoints, 'close ID' closes one (docs/firecracker.md). Exit codes as for "
+        "'region'.",
+    )
+    target_help = "the service (default: $SHMFAULT_SOCKET or the local runtime directory's)"
+    parser.add_argument("--target", metavar="SOCKET|HOST:PORT", help=target_help)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--region", metavar="REGION", help="serve this region (id or name)")
+    source.add_argument(
+        "--snapshot",
+        metavar="FILE",
+        help="serve this snapshot memory file (its size must be a multiple of the page size)",
+    )
+    parser.add_argument(
+        "--socket", metavar="PATH", help="the socket to create (Firecracker's backend_path)"
+    )
+    parser.add_argument(
+        "--backing",
+        choices=["memfd", "posix-shm", "hugetlb"],
+        default="memfd",
+        help="with --snapshot: the new region's backing (hugetlb for hugetlbfs guests)",
+    )
+    parser.add_argument("--name", default="", help="with --snapshot: the new region's name")
+    parser.set_defaults(handler=_run_firecracker_open, firecracker_command="open")
+    commands = parser.add_subparsers(dest="firecracker_command", metavar="COMMAND")
+    # SUPPRESS: a subcommand's unset option must not overwrite one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--target", metavar="SOCKET|HOST:PORT", default=argparse.SUPPRESS, help=target_help
+    )
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    ls = commands.add_parser("ls", parents=[common], help="list Firecracker endpoints")
+    ls.set_defaults(handler=_run_firecracker_ls)
+    close = commands.add_parser(
+        "close", parents=[common], help="close endpoints (their VMs stay served)"
+    )
+    close.add_argument("endpoints", nargs="+", metavar="ID", help="endpoint id")
+    close.set_defaults(handler=_run_firecracker_close)
+
+
+def _firecracker_call(args: argparse.Namespace, action: Callable[[Any], int]) -> int:
+    from shmfault.client import Client
+    from shmfault.errors import (
+        EndpointNotFoundError,
+        RegionNotFoundError,
+        RequestError,
+        ServiceUnavailableError,
+    )
+
+    error: Exception
+    try:
+        with Client(args.target) as client:
+            return action(client)
+    except (RegionNotFoundError, EndpointNotFoundError) as exc:
+        code, error = EXIT_NOT_FOUND, exc
+    except ServiceUnavailableError as exc:
+        code, error = EXIT_UNREACHABLE, exc
+    except (RequestError, OSError) as exc:
+        code, error = EXIT_FAILED, exc
+    print(
+        f"shmfault firecracker {args.firecracker_command or 'open'}: "
+        f"{type(error).__name__}: {error}",
+        file=sys.stderr,
+    )
+    return code
+
+
+def _run_firecracker_open(args: argparse.Namespace) -> int:
+    from shmfault.memory import BackingKind, page_size_of
+    from shmfault.store import Source
+
+    if not args.socket or not (args.region or args.snapshot):
+        print(
+            "shmfault firecracker: give --socket PATH and --region ID or --snapshot FILE "
+            "(or a command: ls, close)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    socket_path = os.path.abspath(args.socket)
+    snapshot = os.path.abspath(args.snapshot) if args.snapshot else ""
+    size = 0
+    if snapshot:
+        try:
+            size = os.stat(snapshot).st_size
+        except OSError as exc:
+            print(f"shmfault firecracker: {snapshot}: {exc.strerror}", file=sys.stderr)
+            return EXIT_USAGE
+        page = page_size_of(BackingKind(args.backing))
+        if size == 0 or size % page:
+            # A Firecracker memory file is whole guest pages; anything else is not one.
+            print(
+                f"shmfault firecracker: {snapshot} has {size} bytes, not a positive multiple "
+                f"of the {args.backing} page size {page}: not a snapshot memory file",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+
+    def action(client: Any) -> int:
+        region = args.region
+        created = ""
+        if snapshot:
+            made = client.create_region(
+                size, backing=args.backing, source=Source.of_file(snapshot), name=args.name
+            )
+            region = created = made.id
+        try:
+            endpoint = client.open_firecracker_endpoint(region, socket_path)
+        except BaseException:
+            if created:
+                client.delete_region(created)
+            raise
+        json.dump(endpoint, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+
+    return _firecracker_call(args, action)
+
+
+def _run_firecracker_ls(args: argparse.Namespace) -> int:
+    def action(client: Any) -> int:
+        endpoints = client.list_firecracker_endpoints()
+
+        def table() -> None:
+            print(f"{'ID':14}  {'REGION':13}  {'VMS':>5}  {'REFUSED':>7}  SOCKET")
+            for e in endpoints:
+                print(
+                    f"{e['id']:14}  {e['region_id']:13}  {e['attached']:>5}  "
+                    f"{e['refused']:>7}  {e['socket_path']}"
+                )
+
+        _emit(args, endpoints, table)
+        return EXIT_OK
+
+    return _firecracker_call(args, action)
+
+
+def _run_firecracker_close(args: argparse.Namespace) -> int:
+    def action(client: Any) -> int:
+        closed = []
+        for endpoint_id in args.endpoints:
+            closed.append(client.close_firecracker_endpoint(endpoint_id))
+            if not args.json:
+                print(f"closed {endpoint_id}")
+        _emit(args, closed, lambda: None)
+        return EXIT_OK
+
+    return _firecracker_call(args, action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="shmfault", description="Lazy shared memory service.")
@@ -678,6 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_region(subparsers)
     _add_stats(subparsers)
     _add_recording(subparsers)
+    _add_firecracker(subparsers)
     return parser
 
 

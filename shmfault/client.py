@@ -320,6 +320,33 @@ class Client:
         request = pb.DeleteRecordingRequest(recording_id=recording_id)
         self._call(lambda: self._stub.DeleteRecording(request, timeout=self.timeout))
 
+    def open_firecracker_endpoint(self, region: str, socket_path: str) -> dict[str, Any]:
+        """Listen at ``socket_path`` (absolute) for Firecracker VMMs restoring a snapshot with
+        the Uffd memory backend, serving their guest memory from ``region`` (docs/firecracker.md).
+        Returns the endpoint (``id``, ``socket_path``, ``region_id``, ...). Raises
+        RegionNotFoundError, InvalidArgumentError (path), AlreadyExistsError (path in use)."""
+        request = pb.OpenFirecrackerEndpointRequest(region=region, socket_path=socket_path)
+        return _endpoint_from_proto(
+            self._call(lambda: self._stub.OpenFirecrackerEndpoint(request, timeout=self.timeout))
+        )
+
+    def close_firecracker_endpoint(self, endpoint_id: str) -> dict[str, Any]:
+        """Stop an endpoint and remove its socket (VMs it attached stay served); returns it as
+        it was last. Raises EndpointNotFoundError."""
+        request = pb.CloseFirecrackerEndpointRequest(endpoint_id=endpoint_id)
+        response = self._call(
+            lambda: self._stub.CloseFirecrackerEndpoint(request, timeout=self.timeout)
+        )
+        return _endpoint_from_proto(response.endpoint)
+
+    def list_firecracker_endpoints(self) -> list[dict[str, Any]]:
+        """Every open Firecracker endpoint."""
+        request = pb.ListFirecrackerEndpointsRequest()
+        response = self._call(
+            lambda: self._stub.ListFirecrackerEndpoints(request, timeout=self.timeout)
+        )
+        return [_endpoint_from_proto(entry) for entry in response.endpoints]
+
 
 def _recording_from_proto(entry: pb.Recording) -> dict[str, Any]:
     return {
@@ -334,12 +361,28 @@ def _recording_from_proto(entry: pb.Recording) -> dict[str, Any]:
     }
 
 
+def _endpoint_from_proto(entry: pb.FirecrackerEndpoint) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "socket_path": entry.socket_path,
+        "region_id": entry.region_id,
+        "created": entry.created.ToNanoseconds() / 1e9,
+        "attached": entry.attached,
+        "refused": entry.refused,
+    }
+
+
 def _stats_from_proto(entry: pb.AttachmentStats) -> dict[str, Any]:
     return {
         "attachment_id": entry.attachment_id,
         "region_id": entry.region_id,
         "mode": entry.mode,
         "mode_reasons": entry.mode_reasons,
+        "kind": entry.kind,
+        "ranges": [
+            {"base": r.base, "length": r.length, "region_offset": r.region_offset}
+            for r in entry.ranges
+        ],
         "pid": entry.pid,
         "uid": entry.uid,
         "base": entry.base,
@@ -348,11 +391,6 @@ def _stats_from_proto(entry: pb.AttachmentStats) -> dict[str, Any]:
         "started": entry.started.ToNanoseconds() / 1e9,
         "ended": entry.ended.ToNanoseconds() / 1e9 if entry.HasField("ended") else None,
         "end_reason": entry.end_reason,
-        "kind": entry.kind,
-        "ranges": [
-            {"base": r.base, "length": r.length, "region_offset": r.region_offset}
-            for r in entry.ranges
-        ],
         "recording_id": entry.recording_id,
         "replay_pages": entry.replay_pages,
         "replay_pending": entry.replay_pending,

@@ -222,6 +222,8 @@ class Attachment:
     replay: Sequence[int] | None = None
     #: the next index of ``replay`` to fill
     replay_next: int = 0
+    #: a packet the engine sends on ``connection`` when it takes the attachment (READY)
+    greeting: bytes = b""
     #: the page last answered EEXIST-and-woken, and how many times in a row (a livelock guard)
     refault_address: int = -1
     refaults: int = 0
@@ -464,6 +466,12 @@ class FaultEngine:
     def _adopt(self, attachment: Attachment) -> None:
         if attachment.id not in self._attachments:
             return  # ended (stop, a forced delete) before the engine thread got to it
+        if attachment.greeting:
+            try:
+                _unix.send_packet(attachment.connection, attachment.greeting)
+            except OSError as exc:
+                self._finish(attachment, f"the client went away before READY: {exc.strerror}")
+                return
         self._watch(attachment.connection.fileno(), _CONNECTION, attachment)
         if attachment.uffd is not None:
             self._watch(attachment.uffd.fileno(), _UFFD, attachment)
@@ -916,8 +924,14 @@ class FaultEngine:
         run_end = index + 1
         while run_end < last and states[run_end] == REMOVED:
             run_end += 1
+        address = mapped_range.base + index * page
         try:
-            uffd.zeropage(mapped_range.base + index * page, (run_end - index) * page)
+            if attachment.region.backing.kind is BackingKind.HUGETLB:
+                # hugetlbfs has no UFFDIO_ZEROPAGE (EINVAL): copy zeros there.
+                zeros = bytes((run_end - index) * page)
+                uffd.copy(address, _address_of(zeros), len(zeros))
+            else:
+                uffd.zeropage(address, (run_end - index) * page)
         except (UffdPageExistsError, UffdRetryError) as exc:
             done = exc.done // page
             states[index : index + done] = bytes([ZEROED]) * done

@@ -179,8 +179,12 @@ class RecordingNotFoundError(RequestError, LookupError):
     """No working-set recording has that id (NOT_FOUND)."""
 
 
+class EndpointNotFoundError(RequestError, LookupError):
+    """No Firecracker endpoint has that id (NOT_FOUND)."""
+
+
 class AlreadyExistsError(RequestError):
-    """The name is taken by another region (ALREADY_EXISTS)."""
+    """The name is taken by another region, or the path by another file (ALREADY_EXISTS)."""
 
 
 class QuotaExceededError(RequestError):

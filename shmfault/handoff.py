@@ -388,7 +388,10 @@ class HandoffServer:
                 ),
                 replay=handshake.replay if uffd is not None else None,
             )
-            _unix.send_packet(handshake.connection, handshake.machine.ready(attachment.id))
+            # The engine sends READY once it has the attachment: a client that has READY then
+            # finds the attachment live (GetStats), and no other thread ever touches the
+            # connection after the engine may have closed it.
+            attachment.greeting = handshake.machine.ready(attachment.id)
         except BaseException:
             if uffd is not None:
                 uffd.close()

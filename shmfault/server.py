@@ -41,6 +41,8 @@ from typing import Any
 from shmfault import _unix, logs, memory, modes, probe
 from shmfault._abi import Feature
 from shmfault.engine import Attachment, FaultEngine
+from shmfault.firecracker import FirecrackerEndpoints
+from shmfault.firecracker import Limits as EndpointLimits
 from shmfault.handoff import HandoffServer
 from shmfault.recording_store import RecordingStore
 from shmfault.store import Limits, RegionStore, parse_size
@@ -377,6 +379,7 @@ class Server:
     engine: FaultEngine | None = None
     handoff: HandoffServer | None = None
     recordings: RecordingStore | None = None
+    firecracker: FirecrackerEndpoints | None = None
     tcp_port: int = 0
     _bound_socket: bool = field(default=False, repr=False)
 
@@ -445,6 +448,16 @@ class Server:
             recordings=self.recordings,
         )
         self.handoff.start()
+        self.firecracker = FirecrackerEndpoints(
+            self.store,
+            self.engine,
+            gid=gid,
+            limits=EndpointLimits(
+                handshake_timeout=config.handshake_timeout,
+                max_attachments=config.max_attachments,
+                max_attachments_per_uid=config.max_attachments_per_uid,
+            ),
+        )
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -454,7 +467,10 @@ class Server:
             options=options,
         )
         shmfault_pb2_grpc.add_ShmfaultServicer_to_server(
-            ShmfaultService(self.store, self.capabilities, self.engine, self.recordings), server
+            ShmfaultService(
+                self.store, self.capabilities, self.engine, self.firecracker, self.recordings
+            ),
+            server,
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -500,6 +516,10 @@ class Server:
             self.handoff.stop()
         if self.grpc_server is not None:
             self.grpc_server.stop(self.config.grace_seconds).wait()
+        if self.firecracker is not None:
+            # After the RPCs (none can open another) and before the engine (a VM accepted
+            # meanwhile is still served, then ended with the rest).
+            self.firecracker.stop()
         if self.engine is not None:
             # Attached clients keep their own userfaultfd: their unfilled pages stay blocked,
             # never zero-filled, until they detach or the service comes back.

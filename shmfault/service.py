@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -22,6 +22,9 @@ from shmfault.memory import BackingKind
 from shmfault.recording_store import RecordingInfo, RecordingStore
 from shmfault.v1 import shmfault_pb2 as pb
 from shmfault.v1 import shmfault_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from shmfault.firecracker import EndpointInfo, FirecrackerEndpoints
 
 _log = logging.getLogger("shmfault.service")
 
@@ -34,6 +37,7 @@ STATUS_OF: dict[type[errors.RequestError], grpc.StatusCode] = {
     errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.RegionNotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.RecordingNotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.EndpointNotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     errors.QuotaExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.HugePagesUnavailableError: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -264,6 +268,11 @@ def attachment_to_proto(data: Mapping[str, Any]) -> pb.AttachmentStats:
         region_id=data["region_id"],
         mode=data["mode"],
         mode_reasons=data["mode_reasons"],
+        kind=data.get("kind", "attach"),
+        ranges=[
+            pb.MappedRange(base=r["base"], length=r["length"], region_offset=r["region_offset"])
+            for r in data.get("ranges", ())
+        ],
         pid=data["pid"],
         uid=data["uid"],
         base=data["base"],
@@ -272,11 +281,6 @@ def attachment_to_proto(data: Mapping[str, Any]) -> pb.AttachmentStats:
         started=_timestamp(data["started"]),
         ended=_timestamp(data["ended"]),
         end_reason=data["end_reason"],
-        kind=data["kind"],
-        ranges=[
-            pb.AttachedRange(base=r["base"], length=r["length"], region_offset=r["region_offset"])
-            for r in data["ranges"]
-        ],
         recording_id=data["recording_id"],
         replay_pages=data["replay_pages"],
         replay_pending=data["replay_pending"],
@@ -297,11 +301,13 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
         regions: store.RegionStore,
         capabilities: Callable[[], Mapping[str, object]],
         attachments: Attachments | None = None,
+        firecracker: FirecrackerEndpoints | None = None,
         recordings: RecordingStore | None = None,
     ) -> None:
         self._store = regions
         self._capabilities = capabilities
         self._attachments = attachments
+        self._firecracker = firecracker
         self._recordings = recordings
 
     def _recording_store(self) -> RecordingStore:
@@ -354,10 +360,15 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> pb.DeleteRegionResponse:
         """See the proto."""
         try:
+            if request.force and self._firecracker is not None:
+                # Before the attachments end: no endpoint may add one behind end_region.
+                self._firecracker.close_region(self._store.get(request.region).id)
             if request.force and self._attachments is not None:
                 region_id = self._store.get(request.region).id
                 self._attachments.end_region(region_id, "the region was deleted (forced)")
-            self._store.delete(request.region, force=request.force)
+            deleted = self._store.delete(request.region, force=request.force)
+            if self._firecracker is not None:
+                self._firecracker.close_region(deleted.id)
             return pb.DeleteRegionResponse()
         except Exception as exc:
             _abort(context, "DeleteRegion", exc)
@@ -496,3 +507,50 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
             return pb.DeleteRecordingResponse()
         except Exception as exc:
             _abort(context, "DeleteRecording", exc)
+
+    def OpenFirecrackerEndpoint(
+        self, request: pb.OpenFirecrackerEndpointRequest, context: grpc.ServicerContext
+    ) -> pb.FirecrackerEndpoint:
+        """See the proto."""
+        try:
+            return endpoint_to_proto(self._endpoints().open(request.region, request.socket_path))
+        except Exception as exc:
+            _abort(context, "OpenFirecrackerEndpoint", exc)
+
+    def CloseFirecrackerEndpoint(
+        self, request: pb.CloseFirecrackerEndpointRequest, context: grpc.ServicerContext
+    ) -> pb.CloseFirecrackerEndpointResponse:
+        """See the proto."""
+        try:
+            info = self._endpoints().close(request.endpoint_id)
+            return pb.CloseFirecrackerEndpointResponse(endpoint=endpoint_to_proto(info))
+        except Exception as exc:
+            _abort(context, "CloseFirecrackerEndpoint", exc)
+
+    def ListFirecrackerEndpoints(
+        self, request: pb.ListFirecrackerEndpointsRequest, context: grpc.ServicerContext
+    ) -> pb.ListFirecrackerEndpointsResponse:
+        """See the proto."""
+        try:
+            return pb.ListFirecrackerEndpointsResponse(
+                endpoints=[endpoint_to_proto(info) for info in self._endpoints().list()]
+            )
+        except Exception as exc:
+            _abort(context, "ListFirecrackerEndpoints", exc)
+
+    def _endpoints(self) -> FirecrackerEndpoints:
+        if self._firecracker is None:
+            raise errors.ServiceUnavailableError("this service has no Firecracker endpoints")
+        return self._firecracker
+
+
+def endpoint_to_proto(info: EndpointInfo) -> pb.FirecrackerEndpoint:
+    """The protobuf form of a Firecracker endpoint."""
+    return pb.FirecrackerEndpoint(
+        id=info.id,
+        socket_path=info.socket_path,
+        region_id=info.region_id,
+        created=_timestamp(info.created),
+        attached=info.attached,
+        refused=info.refused,
+    )

@@ -888,6 +888,15 @@ class RegionStore:
             entry.attachments += 1
             return entry.data, options
 
+    def attach(self, region_id: str) -> RegionBacking:
+        """Count one attachment of ``region_id`` that needs no token (a Firecracker endpoint's
+        VM: whoever could connect to the endpoint's socket is authorised); the caller must call
+        :meth:`detach` when it ends. Raises RegionNotFoundError (deleted meanwhile)."""
+        with self._lock:
+            entry = self._lookup(region_id)
+            entry.attachments += 1
+            return entry.data
+
     def detach(self, region_id: str) -> None:
         """Count one attachment of ``region_id`` as ended (no-op once the region is gone)."""
         with self._lock:

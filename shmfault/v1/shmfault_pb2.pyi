@@ -799,7 +799,7 @@ class AttachmentStats(_message.Message):
     mode_reasons: _builtins.str
     """One "mode: why" line per better mode the service passed over for this attachment."""
     kind: _builtins.str
-    """"attach" (a shmfault client) or "firecracker" (a VMM, docs/firecracker.md)."""
+    """"attach" (a shmfault client) or "firecracker" (a VMM through a Firecracker endpoint)."""
     recording_id: _builtins.str
     """The id its recording was saved under (IssueAttachToken's `record`), once it has ended."""
     replay_pages: _builtins.int
@@ -822,8 +822,10 @@ class AttachmentStats(_message.Message):
         """From the read(2) that returned a fault to the return of the ioctl that resolved it."""
 
     @_builtins.property
-    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttachedRange]:
-        """Every range of the attachment; base/length/region_offset above are the first one's."""
+    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___MappedRange]:
+        """Every range the attachment serves (a VM: one per guest memory region); base, length and
+        region_offset above are the first one's.
+        """
 
     def __init__(
         self,
@@ -843,7 +845,7 @@ class AttachmentStats(_message.Message):
         latency: _abc.Iterable[Global___LatencyBucket] | None = ...,
         mode_reasons: _builtins.str = ...,
         kind: _builtins.str = ...,
-        ranges: _abc.Iterable[Global___AttachedRange] | None = ...,
+        ranges: _abc.Iterable[Global___MappedRange] | None = ...,
         recording_id: _builtins.str = ...,
         replay_pages: _builtins.int = ...,
         replay_pending: _builtins.int = ...,
@@ -857,7 +859,11 @@ class AttachmentStats(_message.Message):
 Global___AttachmentStats: _TypeAlias = AttachmentStats  # noqa: Y015
 
 @_typing.final
-class AttachedRange(_message.Message):
+class MappedRange(_message.Message):
+    """One contiguous range of client memory: length bytes at base map the region from
+    region_offset.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BASE_FIELD_NUMBER: _builtins.int
@@ -879,7 +885,7 @@ class AttachedRange(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___AttachedRange: _TypeAlias = AttachedRange  # noqa: Y015
+Global___MappedRange: _TypeAlias = MappedRange  # noqa: Y015
 
 @_typing.final
 class Recording(_message.Message):
@@ -1100,3 +1106,142 @@ class GetStatsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatsResponse: _TypeAlias = GetStatsResponse  # noqa: Y015
+
+@_typing.final
+class OpenFirecrackerEndpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    SOCKET_PATH_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    """The region whose bytes the VMs see: usually a file-source region of the snapshot's memory
+    file. Its id or name.
+    """
+    socket_path: _builtins.str
+    """Absolute path of the socket to create (at most 107 bytes); its directory must exist and
+    not be a symlink. Firecracker's mem_backend.backend_path names it.
+    """
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        socket_path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region", "socket_path", b"socket_path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenFirecrackerEndpointRequest: _TypeAlias = OpenFirecrackerEndpointRequest  # noqa: Y015
+
+@_typing.final
+class FirecrackerEndpoint(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SOCKET_PATH_FIELD_NUMBER: _builtins.int
+    REGION_ID_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    ATTACHED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    socket_path: _builtins.str
+    region_id: _builtins.str
+    attached: _builtins.int
+    """VMs handed to the fault engine so far."""
+    refused: _builtins.int
+    """Connections refused (each logged as firecracker_refused with its reason)."""
+    @_builtins.property
+    def created(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        socket_path: _builtins.str = ...,
+        region_id: _builtins.str = ...,
+        created: _timestamp_pb2.Timestamp | None = ...,
+        attached: _builtins.int = ...,
+        refused: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "created", b"created", "id", b"id", "refused", b"refused", "region_id", b"region_id", "socket_path", b"socket_path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FirecrackerEndpoint: _TypeAlias = FirecrackerEndpoint  # noqa: Y015
+
+@_typing.final
+class CloseFirecrackerEndpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint_id", b"endpoint_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseFirecrackerEndpointRequest: _TypeAlias = CloseFirecrackerEndpointRequest  # noqa: Y015
+
+@_typing.final
+class CloseFirecrackerEndpointResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def endpoint(self) -> Global___FirecrackerEndpoint: ...
+    def __init__(
+        self,
+        *,
+        endpoint: Global___FirecrackerEndpoint | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseFirecrackerEndpointResponse: _TypeAlias = CloseFirecrackerEndpointResponse  # noqa: Y015
+
+@_typing.final
+class ListFirecrackerEndpointsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFirecrackerEndpointsRequest: _TypeAlias = ListFirecrackerEndpointsRequest  # noqa: Y015
+
+@_typing.final
+class ListFirecrackerEndpointsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___FirecrackerEndpoint]: ...
+    def __init__(
+        self,
+        *,
+        endpoints: _abc.Iterable[Global___FirecrackerEndpoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFirecrackerEndpointsResponse: _TypeAlias = ListFirecrackerEndpointsResponse  # noqa: Y015

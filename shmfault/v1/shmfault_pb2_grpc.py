@@ -104,6 +104,21 @@ class ShmfaultStub:
                 request_serializer=shmfault_dot_v1_dot_shmfault__pb2.DeleteRecordingRequest.SerializeToString,
                 response_deserializer=shmfault_dot_v1_dot_shmfault__pb2.DeleteRecordingResponse.FromString,
                 _registered_method=True)
+        self.OpenFirecrackerEndpoint = channel.unary_unary(
+                '/shmfault.v1.Shmfault/OpenFirecrackerEndpoint',
+                request_serializer=shmfault_dot_v1_dot_shmfault__pb2.OpenFirecrackerEndpointRequest.SerializeToString,
+                response_deserializer=shmfault_dot_v1_dot_shmfault__pb2.FirecrackerEndpoint.FromString,
+                _registered_method=True)
+        self.CloseFirecrackerEndpoint = channel.unary_unary(
+                '/shmfault.v1.Shmfault/CloseFirecrackerEndpoint',
+                request_serializer=shmfault_dot_v1_dot_shmfault__pb2.CloseFirecrackerEndpointRequest.SerializeToString,
+                response_deserializer=shmfault_dot_v1_dot_shmfault__pb2.CloseFirecrackerEndpointResponse.FromString,
+                _registered_method=True)
+        self.ListFirecrackerEndpoints = channel.unary_unary(
+                '/shmfault.v1.Shmfault/ListFirecrackerEndpoints',
+                request_serializer=shmfault_dot_v1_dot_shmfault__pb2.ListFirecrackerEndpointsRequest.SerializeToString,
+                response_deserializer=shmfault_dot_v1_dot_shmfault__pb2.ListFirecrackerEndpointsResponse.FromString,
+                _registered_method=True)
 
 
 class ShmfaultServicer:
@@ -214,6 +229,30 @@ class ShmfaultServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenFirecrackerEndpoint(self, request, context):
+        """Listens on a unix socket for Firecracker VMMs restoring a snapshot with the Uffd memory
+        backend (docs/firecracker.md) and serves their guest memory from a region, one attachment
+        per VM. The socket is created 0600 (0660 with the service's group); it must not exist
+        unless it is a stale socket of the service's uid.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseFirecrackerEndpoint(self, request, context):
+        """Stops an endpoint and removes its socket. VMs it already attached stay served.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFirecrackerEndpoints(self, request, context):
+        """Every open endpoint (endpoints do not survive a restart of the service).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShmfaultServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -286,6 +325,21 @@ def add_ShmfaultServicer_to_server(servicer, server):
                     servicer.DeleteRecording,
                     request_deserializer=shmfault_dot_v1_dot_shmfault__pb2.DeleteRecordingRequest.FromString,
                     response_serializer=shmfault_dot_v1_dot_shmfault__pb2.DeleteRecordingResponse.SerializeToString,
+            ),
+            'OpenFirecrackerEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenFirecrackerEndpoint,
+                    request_deserializer=shmfault_dot_v1_dot_shmfault__pb2.OpenFirecrackerEndpointRequest.FromString,
+                    response_serializer=shmfault_dot_v1_dot_shmfault__pb2.FirecrackerEndpoint.SerializeToString,
+            ),
+            'CloseFirecrackerEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseFirecrackerEndpoint,
+                    request_deserializer=shmfault_dot_v1_dot_shmfault__pb2.CloseFirecrackerEndpointRequest.FromString,
+                    response_serializer=shmfault_dot_v1_dot_shmfault__pb2.CloseFirecrackerEndpointResponse.SerializeToString,
+            ),
+            'ListFirecrackerEndpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFirecrackerEndpoints,
+                    request_deserializer=shmfault_dot_v1_dot_shmfault__pb2.ListFirecrackerEndpointsRequest.FromString,
+                    response_serializer=shmfault_dot_v1_dot_shmfault__pb2.ListFirecrackerEndpointsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -666,6 +720,87 @@ class Shmfault:
             '/shmfault.v1.Shmfault/DeleteRecording',
             shmfault_dot_v1_dot_shmfault__pb2.DeleteRecordingRequest.SerializeToString,
             shmfault_dot_v1_dot_shmfault__pb2.DeleteRecordingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenFirecrackerEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shmfault.v1.Shmfault/OpenFirecrackerEndpoint',
+            shmfault_dot_v1_dot_shmfault__pb2.OpenFirecrackerEndpointRequest.SerializeToString,
+            shmfault_dot_v1_dot_shmfault__pb2.FirecrackerEndpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseFirecrackerEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shmfault.v1.Shmfault/CloseFirecrackerEndpoint',
+            shmfault_dot_v1_dot_shmfault__pb2.CloseFirecrackerEndpointRequest.SerializeToString,
+            shmfault_dot_v1_dot_shmfault__pb2.CloseFirecrackerEndpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFirecrackerEndpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shmfault.v1.Shmfault/ListFirecrackerEndpoints',
+            shmfault_dot_v1_dot_shmfault__pb2.ListFirecrackerEndpointsRequest.SerializeToString,
+            shmfault_dot_v1_dot_shmfault__pb2.ListFirecrackerEndpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,16 @@ class ShmfaultStub:
     order.
     """
     DeleteRecording: _grpc.UnaryUnaryMultiCallable[_shmfault_pb2.DeleteRecordingRequest, _shmfault_pb2.DeleteRecordingResponse]
+    OpenFirecrackerEndpoint: _grpc.UnaryUnaryMultiCallable[_shmfault_pb2.OpenFirecrackerEndpointRequest, _shmfault_pb2.FirecrackerEndpoint]
+    """Listens on a unix socket for Firecracker VMMs restoring a snapshot with the Uffd memory
+    backend (docs/firecracker.md) and serves their guest memory from a region, one attachment
+    per VM. The socket is created 0600 (0660 with the service's group); it must not exist
+    unless it is a stale socket of the service's uid.
+    """
+    CloseFirecrackerEndpoint: _grpc.UnaryUnaryMultiCallable[_shmfault_pb2.CloseFirecrackerEndpointRequest, _shmfault_pb2.CloseFirecrackerEndpointResponse]
+    """Stops an endpoint and removes its socket. VMs it already attached stay served."""
+    ListFirecrackerEndpoints: _grpc.UnaryUnaryMultiCallable[_shmfault_pb2.ListFirecrackerEndpointsRequest, _shmfault_pb2.ListFirecrackerEndpointsResponse]
+    """Every open endpoint (endpoints do not survive a restart of the service)."""
 
 @_typing.type_check_only
 class ShmfaultAsyncStub(ShmfaultStub):
@@ -128,6 +138,16 @@ class ShmfaultAsyncStub(ShmfaultStub):
     order.
     """
     DeleteRecording: _aio.UnaryUnaryMultiCallable[_shmfault_pb2.DeleteRecordingRequest, _shmfault_pb2.DeleteRecordingResponse]  # type: ignore[assignment]
+    OpenFirecrackerEndpoint: _aio.UnaryUnaryMultiCallable[_shmfault_pb2.OpenFirecrackerEndpointRequest, _shmfault_pb2.FirecrackerEndpoint]  # type: ignore[assignment]
+    """Listens on a unix socket for Firecracker VMMs restoring a snapshot with the Uffd memory
+    backend (docs/firecracker.md) and serves their guest memory from a region, one attachment
+    per VM. The socket is created 0600 (0660 with the service's group); it must not exist
+    unless it is a stale socket of the service's uid.
+    """
+    CloseFirecrackerEndpoint: _aio.UnaryUnaryMultiCallable[_shmfault_pb2.CloseFirecrackerEndpointRequest, _shmfault_pb2.CloseFirecrackerEndpointResponse]  # type: ignore[assignment]
+    """Stops an endpoint and removes its socket. VMs it already attached stay served."""
+    ListFirecrackerEndpoints: _aio.UnaryUnaryMultiCallable[_shmfault_pb2.ListFirecrackerEndpointsRequest, _shmfault_pb2.ListFirecrackerEndpointsResponse]  # type: ignore[assignment]
+    """Every open endpoint (endpoints do not survive a restart of the service)."""
 
 class ShmfaultServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -255,5 +275,33 @@ class ShmfaultServicer(metaclass=_abc_1.ABCMeta):
         request: _shmfault_pb2.DeleteRecordingRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_shmfault_pb2.DeleteRecordingResponse, _abc.Awaitable[_shmfault_pb2.DeleteRecordingResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def OpenFirecrackerEndpoint(
+        self,
+        request: _shmfault_pb2.OpenFirecrackerEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shmfault_pb2.FirecrackerEndpoint, _abc.Awaitable[_shmfault_pb2.FirecrackerEndpoint]]:
+        """Listens on a unix socket for Firecracker VMMs restoring a snapshot with the Uffd memory
+        backend (docs/firecracker.md) and serves their guest memory from a region, one attachment
+        per VM. The socket is created 0600 (0660 with the service's group); it must not exist
+        unless it is a stale socket of the service's uid.
+        """
+
+    @_abc_1.abstractmethod
+    def CloseFirecrackerEndpoint(
+        self,
+        request: _shmfault_pb2.CloseFirecrackerEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shmfault_pb2.CloseFirecrackerEndpointResponse, _abc.Awaitable[_shmfault_pb2.CloseFirecrackerEndpointResponse]]:
+        """Stops an endpoint and removes its socket. VMs it already attached stay served."""
+
+    @_abc_1.abstractmethod
+    def ListFirecrackerEndpoints(
+        self,
+        request: _shmfault_pb2.ListFirecrackerEndpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shmfault_pb2.ListFirecrackerEndpointsResponse, _abc.Awaitable[_shmfault_pb2.ListFirecrackerEndpointsResponse]]:
+        """Every open endpoint (endpoints do not survive a restart of the service)."""
 
 def add_ShmfaultServicer_to_server(servicer: ShmfaultServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ import pytest
 from shmfault.engine import MAX_RETRIES, Attachment, FaultEngine, MappedRange
 from shmfault.errors import uffd_error
 from shmfault.events import Pagefault, Remove
+from shmfault.memory import BackingKind
 from shmfault.modes import Mode
 
 PAGE = 4096
@@ -82,6 +84,7 @@ class Region:
 
     page_size = PAGE
     region_id = "r0000000000aa"
+    backing = SimpleNamespace(kind=BackingKind.MEMFD)
 
     def peek(self, offset: int, length: int) -> bytes:
         return bytes(length)

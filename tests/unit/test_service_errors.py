@@ -23,6 +23,7 @@ EXPECTED = {
     errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.RegionNotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.RecordingNotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.EndpointNotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     errors.QuotaExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.HugePagesUnavailableError: grpc.StatusCode.RESOURCE_EXHAUSTED,
