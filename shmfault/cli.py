@@ -699,6 +699,17 @@ def _add_firecracker(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         help="with --snapshot: the new region's backing (hugetlb for hugetlbfs guests)",
     )
     parser.add_argument("--name", default="", help="with --snapshot: the new region's name")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="record each VM's faults (a recording per VM, docs/recording.md)",
+    )
+    parser.add_argument(
+        "--replay",
+        metavar="RECORDING",
+        default="",
+        help="fill this recording's pages ahead of each VM",
+    )
     parser.set_defaults(handler=_run_firecracker_open, firecracker_command="open")
     commands = parser.add_subparsers(dest="firecracker_command", metavar="COMMAND")
     # SUPPRESS: a subcommand's unset option must not overwrite one given before it.
@@ -720,6 +731,7 @@ def _firecracker_call(args: argparse.Namespace, action: Callable[[Any], int]) ->
     from shmfault.client import Client
     from shmfault.errors import (
         EndpointNotFoundError,
+        RecordingNotFoundError,
         RegionNotFoundError,
         RequestError,
         ServiceUnavailableError,
@@ -729,7 +741,7 @@ def _firecracker_call(args: argparse.Namespace, action: Callable[[Any], int]) ->
     try:
         with Client(args.target) as client:
             return action(client)
-    except (RegionNotFoundError, EndpointNotFoundError) as exc:
+    except (RegionNotFoundError, EndpointNotFoundError, RecordingNotFoundError) as exc:
         code, error = EXIT_NOT_FOUND, exc
     except ServiceUnavailableError as exc:
         code, error = EXIT_UNREACHABLE, exc
@@ -782,7 +794,9 @@ def _run_firecracker_open(args: argparse.Namespace) -> int:
             )
             region = created = made.id
         try:
-            endpoint = client.open_firecracker_endpoint(region, socket_path)
+            endpoint = client.open_firecracker_endpoint(
+                region, socket_path, record=args.record, replay=args.replay
+            )
         except BaseException:
             if created:
                 client.delete_region(created)

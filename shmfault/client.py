@@ -320,12 +320,16 @@ class Client:
         request = pb.DeleteRecordingRequest(recording_id=recording_id)
         self._call(lambda: self._stub.DeleteRecording(request, timeout=self.timeout))
 
-    def open_firecracker_endpoint(self, region: str, socket_path: str) -> dict[str, Any]:
+    def open_firecracker_endpoint(
+        self, region: str, socket_path: str, *, record: bool = False, replay: str = ""
+    ) -> dict[str, Any]:
         """Listen at ``socket_path`` (absolute) for Firecracker VMMs restoring a snapshot with
         the Uffd memory backend, serving their guest memory from ``region`` (docs/firecracker.md).
         Returns the endpoint (``id``, ``socket_path``, ``region_id``, ...). Raises
         RegionNotFoundError, InvalidArgumentError (path), AlreadyExistsError (path in use)."""
-        request = pb.OpenFirecrackerEndpointRequest(region=region, socket_path=socket_path)
+        request = pb.OpenFirecrackerEndpointRequest(
+            region=region, socket_path=socket_path, record=record, replay=replay
+        )
         return _endpoint_from_proto(
             self._call(lambda: self._stub.OpenFirecrackerEndpoint(request, timeout=self.timeout))
         )
@@ -369,6 +373,8 @@ def _endpoint_from_proto(entry: pb.FirecrackerEndpoint) -> dict[str, Any]:
         "created": entry.created.ToNanoseconds() / 1e9,
         "attached": entry.attached,
         "refused": entry.refused,
+        "record": entry.record,
+        "replay": entry.replay,
     }
 
 

@@ -45,12 +45,16 @@ from shmfault.errors import (
     AlreadyExistsError,
     EndpointNotFoundError,
     InvalidArgumentError,
+    RecordingNotFoundError,
     RegionNotFoundError,
     ServiceUnavailableError,
+    SourceUnavailableError,
     UffdError,
 )
-from shmfault.memory import base_page_size
+from shmfault.memory import RegionBacking, base_page_size
 from shmfault.modes import FORBIDDEN_FEATURES, Mode
+from shmfault.recording import Recorder
+from shmfault.recording_store import RecordingStore
 from shmfault.store import RegionStore
 from shmfault.uffd import NotAUserfaultfdError, Uffd
 
@@ -357,6 +361,9 @@ class EndpointInfo:
     #: VMs handed to the engine; connections refused (each logged with its reason)
     attached: int
     refused: int
+    #: what each VM's attachment does besides serving faults (docs/recording.md)
+    record: bool = False
+    replay: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,8 +390,15 @@ class FirecrackerEndpoint:
         store: RegionStore,
         engine: FaultEngine,
         limits: Limits,
+        *,
+        record: bool = False,
+        replay: str = "",
+        recordings: RecordingStore | None = None,
     ) -> None:
         self.id = endpoint_id
+        self.record = record
+        self.replay = replay
+        self._recordings = recordings
         self.socket_path = socket_path
         self.region_id = region_id
         self.created = time.time()
@@ -406,8 +420,35 @@ class FirecrackerEndpoint:
 
     def info(self) -> EndpointInfo:
         return EndpointInfo(
-            self.id, self.socket_path, self.region_id, self.created, self.attached, self.refused
+            self.id,
+            self.socket_path,
+            self.region_id,
+            self.created,
+            self.attached,
+            self.refused,
+            self.record,
+            self.replay,
         )
+
+    def _replay_pages(self, region: RegionBacking) -> list[int] | None:
+        """The replay recording's pages, or None (logged) when it is gone or does not fit:
+        a VM restoring is served on demand rather than refused."""
+        if not self.replay or self._recordings is None:
+            return None
+        try:
+            made = self._recordings.load(self.replay)
+        except (RecordingNotFoundError, SourceUnavailableError) as exc:
+            logs.event(_log, logging.WARNING, "firecracker_replay_skipped", error=str(exc))
+            return None
+        if (made.page_size, made.region_size) != (region.page_size, region.size):
+            logs.event(
+                _log,
+                logging.WARNING,
+                "firecracker_replay_skipped",
+                error=f"recording {self.replay} is of another region size or page size",
+            )
+            return None
+        return made.pages()
 
     def start(self) -> None:
         """Start accepting on a thread of its own."""
@@ -591,6 +632,16 @@ class FirecrackerEndpoint:
                     pidfd=_unix.peer_pidfd(pending.connection),
                     kind="firecracker",
                     zero_after_remove=True,
+                    recorder=(
+                        Recorder(
+                            page_size=region.page_size,
+                            region_size=region.size,
+                            region_id=region.region_id,
+                        )
+                        if self.record
+                        else None
+                    ),
+                    replay=self._replay_pages(region),
                 )
             except BaseException:
                 self._store.detach(self.region_id)
@@ -665,7 +716,9 @@ class FirecrackerEndpoints:
         *,
         gid: int | None = None,
         limits: Limits | None = None,
+        recordings: RecordingStore | None = None,
     ) -> None:
+        self._recordings = recordings
         self._store = store
         self._engine = engine
         self._gid = gid
@@ -674,10 +727,26 @@ class FirecrackerEndpoints:
         self._endpoints: dict[str, FirecrackerEndpoint] = {}
         self._closed = False
 
-    def open(self, region: str, socket_path: str) -> EndpointInfo:
-        """Listen for VMMs at ``socket_path`` and serve them from ``region`` (id or name).
-        Raises RegionNotFoundError, InvalidArgumentError, AlreadyExistsError."""
-        region_id = self._store.get(region).id
+    def open(
+        self, region: str, socket_path: str, *, record: bool = False, replay: str = ""
+    ) -> EndpointInfo:
+        """Listen for VMMs at ``socket_path`` and serve them from ``region`` (id or name),
+        recording each VM's faults (``record``) and/or filling recording ``replay``'s pages
+        ahead of each. Raises RegionNotFoundError, RecordingNotFoundError,
+        InvalidArgumentError, AlreadyExistsError."""
+        described = self._store.get(region)
+        region_id = described.id
+        if replay:
+            if self._recordings is None:
+                raise ServiceUnavailableError("this service keeps no recordings")
+            info = self._recordings.info(replay)
+            if (info.page_size, info.region_size) != (described.page_size, described.size):
+                raise InvalidArgumentError(
+                    f"recording {replay} is of a region of {info.region_size} bytes in "
+                    f"{info.page_size}-byte pages, not {described.size} in "
+                    f"{described.page_size}",
+                    "replay",
+                )
         listener, identity = bind_endpoint_socket(socket_path, self._gid)
         endpoint = FirecrackerEndpoint(
             "fc" + secrets.token_hex(6),
@@ -688,6 +757,9 @@ class FirecrackerEndpoints:
             self._store,
             self._engine,
             self._limits,
+            record=record,
+            replay=replay,
+            recordings=self._recordings,
         )
         with self._lock:
             closed = self._closed

@@ -457,6 +457,7 @@ class Server:
                 max_attachments=config.max_attachments,
                 max_attachments_per_uid=config.max_attachments_per_uid,
             ),
+            recordings=self.recordings,
         )
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -513,7 +513,10 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> pb.FirecrackerEndpoint:
         """See the proto."""
         try:
-            return endpoint_to_proto(self._endpoints().open(request.region, request.socket_path))
+            opened = self._endpoints().open(
+                request.region, request.socket_path, record=request.record, replay=request.replay
+            )
+            return endpoint_to_proto(opened)
         except Exception as exc:
             _abort(context, "OpenFirecrackerEndpoint", exc)
 
@@ -553,4 +556,6 @@ def endpoint_to_proto(info: EndpointInfo) -> pb.FirecrackerEndpoint:
         created=_timestamp(info.created),
         attached=info.attached,
         refused=info.refused,
+        record=info.record,
+        replay=info.replay,
     )

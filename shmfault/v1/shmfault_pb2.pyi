@@ -1113,6 +1113,8 @@ class OpenFirecrackerEndpointRequest(_message.Message):
 
     REGION_FIELD_NUMBER: _builtins.int
     SOCKET_PATH_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    REPLAY_FIELD_NUMBER: _builtins.int
     region: _builtins.str
     """The region whose bytes the VMs see: usually a file-source region of the snapshot's memory
     file. Its id or name.
@@ -1121,15 +1123,23 @@ class OpenFirecrackerEndpointRequest(_message.Message):
     """Absolute path of the socket to create (at most 107 bytes); its directory must exist and
     not be a symlink. Firecracker's mem_backend.backend_path names it.
     """
+    record: _builtins.bool
+    """Record each VM's faults (a working-set recording per VM, saved when it ends: its id is in
+    GetStats), and/or replay a recording: its pages are filled ahead of each VM
+    (docs/recording.md). The recording must be of a region of the same size and page size.
+    """
+    replay: _builtins.str
     def __init__(
         self,
         *,
         region: _builtins.str = ...,
         socket_path: _builtins.str = ...,
+        record: _builtins.bool = ...,
+        replay: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region", "socket_path", b"socket_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["record", b"record", "region", b"region", "replay", b"replay", "socket_path", b"socket_path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1145,6 +1155,8 @@ class FirecrackerEndpoint(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     ATTACHED_FIELD_NUMBER: _builtins.int
     REFUSED_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    REPLAY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     socket_path: _builtins.str
     region_id: _builtins.str
@@ -1152,6 +1164,8 @@ class FirecrackerEndpoint(_message.Message):
     """VMs handed to the fault engine so far."""
     refused: _builtins.int
     """Connections refused (each logged as firecracker_refused with its reason)."""
+    record: _builtins.bool
+    replay: _builtins.str
     @_builtins.property
     def created(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1163,10 +1177,12 @@ class FirecrackerEndpoint(_message.Message):
         created: _timestamp_pb2.Timestamp | None = ...,
         attached: _builtins.int = ...,
         refused: _builtins.int = ...,
+        record: _builtins.bool = ...,
+        replay: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "created", b"created", "id", b"id", "refused", b"refused", "region_id", b"region_id", "socket_path", b"socket_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "created", b"created", "id", b"id", "record", b"record", "refused", b"refused", "region_id", b"region_id", "replay", b"replay", "socket_path", b"socket_path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

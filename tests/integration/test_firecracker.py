@@ -539,3 +539,50 @@ def test_a_hugetlbfs_guest_is_served_from_a_hugetlb_region_with_or_without_a_bal
     assert counters["events_remove"] == 1
     assert counters["zero_pages"] >= 1
     ballooned.exit()
+
+
+@pytest.mark.timeout(60)
+def test_a_vm_recorded_once_is_replayed_ahead_of_the_next(
+    service: Service, client: Client, snapshot: tuple[Path, bytes], children: Callable[..., Child]
+) -> None:
+    path, data = snapshot
+    size = path.stat().st_size
+    region = client.create_region(size, source=Source.of_file(path))
+    recorder = client.open_firecracker_endpoint(
+        region.id, str(service.base / "record.sock"), record=True
+    )
+    assert recorder["record"] is True
+    regions = [GuestRegion(64 * PAGE, 100 * PAGE), GuestRegion(32 * PAGE, 0)]
+    touched = [(0, 5 * PAGE), (0, 40 * PAGE), (1, 17 * PAGE), (0, 63 * PAGE)]
+    first = Vmm(children, recorder, regions, path)
+    for index, offset in touched:
+        assert first.read(index, offset, 1) == file_bytes(data, regions[index], offset, 1)
+    first_pid = first.pid
+    first.exit()
+    settle(
+        lambda: (vm_entry(client, first_pid) or {}).get("recording_id", "") != "",
+        "the first VM's recording saved",
+    )
+    entry = vm_entry(client, first_pid)
+    assert entry is not None
+    recording_id = entry["recording_id"]
+    settle(
+        lambda: any(r["recording_id"] == recording_id for r in client.list_recordings()),
+        "the recording written",
+    )
+
+    replayer = client.open_firecracker_endpoint(
+        region.id, str(service.base / "replay.sock"), replay=recording_id
+    )
+    second = Vmm(children, replayer, regions, path)
+    settle(lambda: served_entry(client, second.pid)["replay_pending"] == 0, "the replay finished")
+    for index, offset in touched:
+        assert second.read(index, offset, PAGE) == file_bytes(data, regions[index], offset, PAGE)
+    served = served_entry(client, second.pid)
+    assert served["replay_pages"] == len(touched)
+    assert served["counters"]["faults"] == 0, "a replayed page faulted"
+    assert served["counters"]["pages_prefetched"] >= len(touched)
+    # A page nobody recorded still faults and reads the snapshot.
+    assert second.read(0, 20 * PAGE, PAGE) == file_bytes(data, regions[0], 20 * PAGE, PAGE)
+    assert served_entry(client, second.pid)["counters"]["faults"] == 1
+    second.exit()
