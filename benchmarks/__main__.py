@@ -96,6 +96,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="service --fault-around values for the sequential workload (default 16,64)",
     )
     parser.add_argument(
+        "--replay-fault-around",
+        type=_ints,
+        default=(1, 16),
+        metavar="N[,N...]",
+        help="service --fault-around values for the replay workload (default 1,16: per-page "
+        "faults, as REAP's baseline, and the service's default)",
+    )
+    parser.add_argument(
         "--repeat", type=int, default=3, help="repetitions; figures are medians (default 3)"
     )
     parser.add_argument(
@@ -206,6 +214,7 @@ def config_from(args: argparse.Namespace) -> Config:
         replay_touches=args.replay_touches or 32_768,
         rand_fault_around=args.fault_around,
         seq_fault_around=args.seq_fault_around,
+        replay_fault_around=args.replay_fault_around,
         repeat=max(args.repeat, 1),
         write=args.touch == "write",
         seed=args.seed,

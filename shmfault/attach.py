@@ -9,9 +9,13 @@ gets them from the service).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import enum
 import os
+import select
 import socket
 import threading
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
@@ -21,6 +25,36 @@ from shmfault.modes import Mode, UffdAccess
 from shmfault.uffd import Uffd, open_userfaultfd
 
 DEFAULT_TIMEOUT = 30.0
+#: Waits between tries to re-attach to a restarted service: doubling from the first to the last.
+#: Small on purpose: a faulting thread waits for the service and for this backoff.
+REATTACH_BACKOFF = (0.02, 0.25)
+
+
+class Link(enum.Enum):
+    """Where an attachment stands with the service."""
+
+    #: served
+    ATTACHED = "attached"
+    #: the service went away (crashed, restarted, stopped): trying to re-attach; touching an
+    #: unfilled page blocks until that succeeds
+    REATTACHING = "reattaching"
+    #: the service refused to re-attach (or ended the attachment): unfilled pages stay blocked
+    LOST = "lost"
+    #: detached or closed
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class _Reattach:
+    """What a re-attach presents: the handshake's token and what was attached."""
+
+    handoff_socket: str
+    region_id: str
+    token: str
+    mode: Mode
+    #: the region's fd in the shared modes (the service may need it back: a memfd region's
+    #: memory does not survive the service)
+    region_fd: int | None
 
 
 class AttachError(ShmfaultError):
@@ -36,9 +70,15 @@ class Attachment:
 
     ``buffer`` is a writable memoryview over the whole mapping (slicing, ``bytes()``, numpy's
     ``frombuffer`` all work). Touching an unfilled page blocks the touching thread until the
-    service has filled it: from Python that thread holds the GIL meanwhile, which is fine because
-    the service is another process. ``mode`` is the mode the service chose and ``reasons`` why
-    each better mode was passed over.
+    service has filled it. ``mode`` is the mode the service chose and ``reasons`` why each
+    better mode was passed over.
+
+    When the service goes away (a crash, a restart), a thread of this process re-attaches as
+    soon as it is back (``link`` says where things stand); meanwhile a touch of an unfilled page
+    blocks, and is never answered with zeros. A thread that touches ``buffer`` directly holds
+    the GIL while it waits, which would keep that re-attaching thread from running: touch
+    through :meth:`read`/:meth:`write` (or from code that releases the GIL) where the service
+    may restart under you.
 
     The handoff connection stays open for the attachment's life; closing it (``detach``,
     ``close``, the ``with`` block's end, or this process dying) ends the attachment. The mapping
@@ -57,6 +97,7 @@ class Attachment:
         reasons: str,
         attachment_id: int,
         page_size: int,
+        reattach: _Reattach | None = None,
     ) -> None:
         self._connection = connection
         self._machine = machine
@@ -70,6 +111,123 @@ class Attachment:
         self.buffer = _libc.memory_view(address, length)
         self._lock = threading.Lock()
         self._closed = False
+        self._reattach = reattach
+        self.link = Link.ATTACHED
+        #: times this attachment re-attached to a restarted service, and why it was lost
+        self.reattaches = 0
+        self.lost_reason = ""
+        self._wakeup_read, self._wakeup_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._supervisor: threading.Thread | None = None
+        if reattach is not None and uffd is not None:
+            self._supervisor = threading.Thread(
+                target=self._supervise, name=f"shmfault-attachment-{attachment_id}", daemon=True
+            )
+            self._supervisor.start()
+
+    # --- the service going away, and coming back ---
+
+    def _supervise(self) -> None:
+        """Watch the connection; when the service goes away, re-attach until it is back (or
+        refuses), so that a restart of the service costs a faulting thread only the restart."""
+        while True:
+            ready, _w, _x = select.select([self._connection.fileno(), self._wakeup_read], [], [])
+            if self._wakeup_read in ready:
+                return
+            try:
+                packet = _unix.recv_packet(self._connection)
+            except OSError:
+                packet = None
+            if packet is not None:
+                # Only ERROR may come unasked: the service ended the attachment.
+                _unix.close_fds(packet.fds)
+                with contextlib.suppress(protocol.ProtocolError):
+                    event = self._machine.receive(packet.data, [], truncated=packet.truncated)
+                    if isinstance(event, protocol.ErrorReceived):
+                        self.lost_reason = f"{event.code.name}: {event.message}"
+                self.link = Link.LOST
+                return
+            self.link = Link.REATTACHING
+            if not self._reattach_until_back():
+                return
+
+    def _reattach_until_back(self) -> bool:
+        """Re-attach with backoff. False when told to stop or refused for good."""
+        info = self._reattach
+        assert info is not None and self._uffd is not None
+        wait = REATTACH_BACKOFF[0]
+        while True:
+            ready, _w, _x = select.select([self._wakeup_read], [], [], wait)
+            if ready:
+                return False
+            wait = min(wait * 2, REATTACH_BACKOFF[1])
+            try:
+                connection = _unix.connect_seqpacket(info.handoff_socket, DEFAULT_TIMEOUT)
+            except OSError:
+                continue  # not back yet
+            machine = protocol.ClientConnection()
+            message = protocol.Reattach(
+                region_id=info.region_id,
+                attach_token=info.token,
+                mode=info.mode,
+                base=self.address,
+                length=self.length,
+            )
+            fds = [self._uffd.fileno()] + ([] if info.region_fd is None else [info.region_fd])
+            try:
+                _unix.send_packet(connection, machine.reattach(message), fds)
+                ready_event = _receive(connection, machine)
+            except AttachError as exc:
+                connection.close()
+                if exc.code in (protocol.ErrorCode.BUSY, protocol.ErrorCode.SHUTTING_DOWN):
+                    continue
+                self.lost_reason = str(exc)
+                self.link = Link.LOST
+                return False
+            except (OSError, protocol.ProtocolError):
+                connection.close()
+                continue
+            assert isinstance(ready_event, protocol.ReadyReceived)
+            with self._lock:
+                old = self._connection
+                self._connection, self._machine = connection, machine
+                self.attachment_id = ready_event.attachment_id
+                self.reattaches += 1
+                self.link = Link.ATTACHED
+            old.close()
+            return True
+
+    def _stop_supervisor(self) -> None:
+        if self._wakeup_write < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._wakeup_write, b"x")
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join()
+        for fd in (self._wakeup_read, self._wakeup_write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wakeup_read = self._wakeup_write = -1
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``, copied without holding the GIL: while this thread
+        waits for a page, the others run, among them the one that re-attaches when the
+        service restarts (a thread reading ``buffer`` directly holds the GIL while it waits)."""
+        self._check_span(offset, length)
+        out = ctypes.create_string_buffer(length)
+        _libc.copy_memory(ctypes.addressof(out), self.address + offset, length)
+        return out.raw
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` without holding the GIL (see :meth:`read`)."""
+        self._check_span(offset, len(data))
+        source = ctypes.create_string_buffer(bytes(data), len(data))
+        _libc.copy_memory(self.address + offset, ctypes.addressof(source), len(data))
+
+    def _check_span(self, offset: int, length: int) -> None:
+        if self._closed:
+            raise ValueError("the attachment is closed")
+        if offset < 0 or length < 0 or offset + length > self.length:
+            raise ValueError(f"{length} bytes at {offset} are outside the {self.length} mapped")
 
     @property
     def user_mode_only(self) -> bool:
@@ -84,10 +242,13 @@ class Attachment:
     def detach(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Tell the service, wait for its DETACHED (up to ``timeout`` seconds), then unmap and
         close. No thread may be touching ``buffer``. Idempotent."""
+        self._stop_supervisor()
         with self._lock:
             if self._closed:
                 return
-            with contextlib.suppress(OSError, protocol.LocalProtocolError):
+            with contextlib.suppress(OSError, protocol.ProtocolError):
+                if self.link is not Link.ATTACHED:
+                    raise OSError("no service to tell")
                 self._connection.settimeout(timeout)
                 _unix.send_packet(self._connection, self._machine.detach())
                 packet = _unix.recv_packet(self._connection)
@@ -97,12 +258,16 @@ class Attachment:
 
     def close(self) -> None:
         """End the attachment without waiting for the service (it sees the connection end)."""
+        self._stop_supervisor()
         with self._lock:
             if not self._closed:
                 self._release()
 
     def _release(self) -> None:
         self._closed = True
+        self.link = Link.CLOSED
+        if self._reattach is not None and self._reattach.region_fd is not None:
+            os.close(self._reattach.region_fd)
         self.buffer.release()
         if self._uffd is not None:
             # Unregister first: with EVENT_UNMAP enabled, munmap of a registered range waits
@@ -164,6 +329,7 @@ def attach(
     forced = Mode.from_name(mode) if isinstance(mode, str) else mode
     floor = Mode.from_name(minimum) if isinstance(minimum, str) else minimum
     raw_fd: int | None = None
+    region_fd: int | None = None
     try:
         raw_fd, uffd_path, user_mode_only = open_userfaultfd()
         access = UffdAccess.USER_MODE_ONLY if user_mode_only else UffdAccess.FULL
@@ -197,8 +363,9 @@ def attach(
                 anonymous = _libc.MAP_PRIVATE | _libc.MAP_ANONYMOUS
                 address = _libc.mmap(0, length, protection, anonymous)
         finally:
-            if region_fd is not None:
-                os.close(region_fd)
+            if region_fd is not None and chosen is Mode.EAGER:
+                os.close(region_fd)  # nothing to re-attach: an eager mapping needs no service
+                region_fd = None
         # A child must not inherit the range: unregistered there, an unfilled page would read
         # as zeros (and, shared, become zeros in the region).
         _libc.madvise(address, length, _libc.MADV_DONTFORK)
@@ -218,6 +385,10 @@ def attach(
         )
         ready = _receive(connection, machine)
         assert isinstance(ready, protocol.ReadyReceived)
+        reattach = None
+        if chosen is not Mode.EAGER:
+            reattach = _Reattach(os.fspath(handoff_socket), region_id, token, chosen, region_fd)
+            region_fd = None  # the attachment's now
         return Attachment(
             connection=connection,
             machine=machine,
@@ -228,6 +399,7 @@ def attach(
             reasons=welcome.reasons,
             attachment_id=ready.attachment_id,
             page_size=welcome.page_size,
+            reattach=reattach,
         )
     except BaseException:
         if address:
@@ -239,3 +411,5 @@ def attach(
     finally:
         if raw_fd is not None:
             os.close(raw_fd)
+        if region_fd is not None:
+            os.close(region_fd)

@@ -209,6 +209,13 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="time a client gets to finish the attach handshake (default 10)",
     )
     parser.add_argument(
+        "--reattach-grace",
+        type=float,
+        dest="reattach_grace",
+        metavar="SECONDS",
+        help="after a restart, time the previous run's clients get to re-attach (default 60)",
+    )
+    parser.add_argument(
         "--no-probe-round-trips",
         action="store_false",
         default=None,

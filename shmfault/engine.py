@@ -76,6 +76,9 @@ MAX_REFAULTS = 10_000
 #: Recorded pages filled per step of a replay. Faults are served between steps, so this bounds
 #: how long a fault waits behind a replay (a step of scattered pages is one ioctl per page).
 PREFETCH_PAGES = 64
+#: The end reason of the attachments the service's stop ends: they stay persisted, for their
+#: clients to re-attach when it is back.
+SERVICE_STOPPING = "the service is stopping"
 #: Finished attachments whose statistics are kept for GetStats.
 FINISHED_KEPT = 1024
 
@@ -222,6 +225,8 @@ class Attachment:
     replay: Sequence[int] | None = None
     #: the next index of ``replay`` to fill
     replay_next: int = 0
+    #: the store's key of the persisted attachment (re-attach after a restart); b"" if none
+    reattach_key: bytes = b""
     #: a packet the engine sends on ``connection`` when it takes the attachment (READY)
     greeting: bytes = b""
     #: the page last answered EEXIST-and-woken, and how many times in a row (a livelock guard)
@@ -434,7 +439,7 @@ class FaultEngine:
             raise
         finally:
             for attachment in list(self._attachments.values()):
-                self._finish(attachment, "the service is stopping")
+                self._finish(attachment, SERVICE_STOPPING)
 
     def _control_events(self) -> bool:
         with contextlib.suppress(BlockingIOError):

@@ -56,6 +56,9 @@ DEFAULT_MAX_ATTACHMENTS = 4096
 DEFAULT_MAX_ATTACHMENTS_PER_UID = 1024
 #: Handshakes in progress at once; more connections wait in the listen backlog.
 MAX_PENDING = 256
+#: Seconds a restarted service keeps the previous run's attachments for their clients to
+#: re-attach (REATTACH); past it they are forgotten and their regions no longer count them.
+DEFAULT_REATTACH_GRACE = 60.0
 
 ErrorCode = protocol.ErrorCode
 
@@ -77,6 +80,9 @@ class _Handshake:
     region: RegionBacking | None = None
     choice: Choice | None = None
     options: AttachOptions = field(default_factory=AttachOptions)
+    token: str = ""
+    #: the persisted attachment a REATTACH claimed (forgotten again if it is refused)
+    reattach_key: bytes = b""
     #: region page indexes to fill ahead of the client (the token's replay recording)
     replay: list[int] | None = None
     attachment_id: int = field(default_factory=new_attachment_id)
@@ -102,8 +108,12 @@ class HandoffServer:
         max_attachments: int = DEFAULT_MAX_ATTACHMENTS,
         max_attachments_per_uid: int = DEFAULT_MAX_ATTACHMENTS_PER_UID,
         recordings: RecordingStore | None = None,
+        reattach_grace: float = DEFAULT_REATTACH_GRACE,
     ) -> None:
         self._listener = listener
+        self._orphans_expire_at: float | None = (
+            time.monotonic() + reattach_grace if store.orphans() else None
+        )
         self._recordings = recordings
         self._listener.setblocking(False)
         self._store = store
@@ -146,7 +156,10 @@ class HandoffServer:
         try:
             while not self._stopping.is_set():
                 self._expire()
+                self._expire_orphans()
                 deadlines = [h.deadline for h in self._pending.values()]
+                if self._orphans_expire_at is not None:
+                    deadlines.append(self._orphans_expire_at)
                 wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
                 for key, _mask in self._selector.select(wait):
                     if key.data == "listener":
@@ -189,6 +202,21 @@ class HandoffServer:
             logs.event(_log, logging.INFO, "handshake_timeout", pid=handshake.pid)
             self._close(handshake, reply)
 
+    def _expire_orphans(self) -> None:
+        if self._orphans_expire_at is None or time.monotonic() < self._orphans_expire_at:
+            return
+        self._orphans_expire_at = None
+        for record in self._store.expire_orphans():
+            logs.event(
+                _log,
+                logging.WARNING,
+                "reattach_expired",
+                region=record.region_id,
+                uid=record.uid,
+                mode=record.mode,
+                reason="its client did not come back within the re-attach grace period",
+            )
+
     def _close(self, handshake: _Handshake, reply: bytes | None) -> None:
         self._pending.pop(handshake.connection.fileno(), None)
         with contextlib.suppress(KeyError, ValueError):
@@ -197,6 +225,8 @@ class HandoffServer:
             # The token was redeemed and counted as an attachment that never came to be. Before
             # the reply: a client that got its ERROR must see the region without it.
             self._store.detach(handshake.region.region_id)
+        if handshake.reattach_key:
+            self._store.forget_attachment(handshake.reattach_key)
         if reply is not None:
             with contextlib.suppress(OSError):
                 _unix.send_packet(handshake.connection, reply)
@@ -241,6 +271,8 @@ class HandoffServer:
                 self._hello(handshake, event.hello)
             elif isinstance(event, protocol.AttachReceived):
                 self._attach(handshake, event.attach, event.uffd_fd)
+            elif isinstance(event, protocol.ReattachReceived):
+                self._reattach(handshake, event)
             else:
                 raise _Refusal(ErrorCode.UNEXPECTED, f"unexpected {type(event).__name__}")
         except _Refusal as refusal:
@@ -273,6 +305,7 @@ class HandoffServer:
             raise _Refusal(ErrorCode.DENIED, str(exc)) from None
         handshake.region = region
         handshake.options = options
+        handshake.token = hello.attach_token
         if options.replay:
             handshake.replay = self._replay_pages(region, options.replay)
         try:
@@ -392,11 +425,112 @@ class HandoffServer:
             # finds the attachment live (GetStats), and no other thread ever touches the
             # connection after the engine may have closed it.
             attachment.greeting = handshake.machine.ready(attachment.id)
+            if uffd is not None:
+                # Persisted, so that the client can re-attach to a restarted service.
+                attachment.reattach_key = self._store.remember_attachment(
+                    region.region_id,
+                    handshake.token,
+                    uid=handshake.uid,
+                    mode=choice.mode.wire_name,
+                    base=attach.base,
+                    length=attach.length,
+                    region_offset=attach.region_offset,
+                )
         except BaseException:
             if uffd is not None:
                 uffd.close()
             raise
         # From here on the engine owns the connection, the uffd and the pidfd.
+        self._pending.pop(handshake.connection.fileno(), None)
+        self._selector.unregister(handshake.connection)
+        self._engine.add(attachment)
+
+    def _reattach(self, handshake: _Handshake, event: protocol.ReattachReceived) -> None:
+        """A client of the previous run comes back with its userfaultfd (and region fd): claim
+        its persisted attachment, take its memory back if the restart lost the region's, adopt
+        the userfaultfd, wake the whole range (faults the dead service read are never
+        delivered again), and serve it as a new attachment."""
+        message = event.reattach
+        uffd_fd: int | None = event.uffd_fd  # ours to close until _adopt takes it
+        try:
+            if self._stopping.is_set():
+                raise _Refusal(ErrorCode.SHUTTING_DOWN, "the service is stopping")
+            self._check_limits(handshake)
+            try:
+                region, record = self._store.reattach(
+                    message.region_id, message.attach_token, uid=handshake.uid
+                )
+            except RegionNotFoundError as exc:
+                raise _Refusal(ErrorCode.NOT_FOUND, str(exc)) from None
+            except PermissionDeniedError as exc:
+                raise _Refusal(ErrorCode.DENIED, str(exc)) from None
+            handshake.region = region
+            handshake.reattach_key = record.key
+            said = (message.mode.wire_name, message.base, message.length, message.region_offset)
+            was = (record.mode, record.base, record.length, record.region_offset)
+            if said != was:
+                raise _Refusal(
+                    ErrorCode.DENIED,
+                    f"REATTACH says (mode, base, length, offset) {said}; the attachment was {was}",
+                )
+            if event.region_fd is not None:
+                try:
+                    self._store.adopt_region_fd(region.region_id, event.region_fd)
+                except PermissionDeniedError as exc:
+                    raise _Refusal(ErrorCode.DENIED, str(exc)) from None
+            elif self._store.get(region.region_id).content_reset and any(
+                r.mode != Mode.PRIVATE_COPY.wire_name for r in self._store.orphans(region.region_id)
+            ):
+                # A shared client may yet hand back the region's memory from before the
+                # restart; until it does (or gives up), a private copy would read the source.
+                self._store.unclaim(record)
+                handshake.region = None
+                handshake.reattach_key = b""
+                raise _Refusal(
+                    ErrorCode.BUSY,
+                    "the region's memory may yet come back with a shared attachment: retry",
+                )
+            attach = protocol.Attach(message.base, message.length, message.region_offset)
+            self._check_range(region, attach)
+            uffd_fd = None
+            uffd = self._adopt(region, message.mode, attach, event.uffd_fd)
+            try:
+                uffd.wake(message.base, message.length)
+                attachment = Attachment(
+                    region=region,
+                    mode=message.mode,
+                    ranges=[MappedRange(message.base, message.length, message.region_offset)],
+                    uffd=uffd,
+                    connection=handshake.connection,
+                    machine=handshake.machine,
+                    pid=handshake.pid,
+                    uid=handshake.uid,
+                    pidfd=_unix.peer_pidfd(handshake.connection),
+                    id=handshake.attachment_id,
+                    mode_reasons="re-attached after a restart of the service",
+                    reattach_key=record.key,
+                )
+                attachment.greeting = handshake.machine.ready(attachment.id)
+            except UffdError as exc:
+                uffd.close()
+                raise _Refusal(ErrorCode.BAD_UFFD, str(exc)) from None
+            except BaseException:
+                uffd.close()
+                raise
+        finally:
+            _unix.close_fds([fd for fd in (uffd_fd, event.region_fd) if fd is not None])
+        # Claimed and served: nothing to undo when the handshake's bookkeeping is dropped.
+        handshake.region = None
+        handshake.reattach_key = b""
+        logs.event(
+            _log,
+            logging.INFO,
+            "reattached",
+            attachment=attachment.id,
+            region=region.region_id,
+            mode=message.mode.wire_name,
+            pid=handshake.pid,
+        )
         self._pending.pop(handshake.connection.fileno(), None)
         self._selector.unregister(handshake.connection)
         self._engine.add(attachment)

@@ -71,6 +71,8 @@ __all__ = [
     "ProtocolError",
     "Ready",
     "ReadyReceived",
+    "Reattach",
+    "ReattachReceived",
     "RemoteProtocolError",
     "ServiceConnection",
     "ServiceEvent",
@@ -104,6 +106,8 @@ WELCOME_BODY = struct.Struct("<B3sIQQQQ")
 ATTACH_BODY = struct.Struct("<QQQ")
 #: attachment_id
 READY_BODY = struct.Struct("<Q")
+#: REATTACH's fixed part: mode, 3 reserved bytes, base, length, region_offset
+REATTACH_BODY = struct.Struct("<B3sQQQ")
 #: ERROR's fixed part: code
 ERROR_BODY = struct.Struct("<I")
 _STRING_LENGTH = struct.Struct("<H")
@@ -114,7 +118,7 @@ _U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 class MessageType(enum.IntEnum):
-    """The ``type`` field of the header. 0x08-0x0F are reserved and unknown in version 1."""
+    """The ``type`` field of the header. 0x09-0x0F are reserved."""
 
     HELLO = 0x01
     WELCOME = 0x02
@@ -123,6 +127,7 @@ class MessageType(enum.IntEnum):
     DETACH = 0x05
     DETACHED = 0x06
     ERROR = 0x07
+    REATTACH = 0x08
 
 
 class ErrorCode(enum.IntEnum):
@@ -140,6 +145,7 @@ class ErrorCode(enum.IntEnum):
     TIMEOUT = 10
     INTERNAL = 11
     SHUTTING_DOWN = 12
+    BUSY = 13
 
 
 # --- messages ---
@@ -223,7 +229,23 @@ class ErrorMessage:
     message: str
 
 
-Message = Hello | Welcome | Attach | Ready | Detach | Detached | ErrorMessage
+@dataclass(frozen=True, slots=True)
+class Reattach:
+    """Client → service, after the service restarted: serve this mapping again. Carries the
+    client's userfaultfd, and the region fd in the shared modes. ``attach_token`` is the token
+    the attachment was made with; the rest must be what it was attached as."""
+
+    message_type: ClassVar[MessageType] = MessageType.REATTACH
+
+    region_id: str
+    attach_token: str
+    mode: Mode
+    base: int
+    length: int
+    region_offset: int = 0
+
+
+Message = Hello | Welcome | Attach | Ready | Detach | Detached | ErrorMessage | Reattach
 
 
 def _carries_region_fd(mode: Mode) -> bool:
@@ -240,10 +262,16 @@ def fds_expected(message_type: MessageType, mode: Mode | None = None) -> int:
     """How many fds travel with a message of ``message_type`` in ``mode``.
 
     WELCOME carries the region fd except in private-copy; ATTACH carries the userfaultfd except
-    in eager; nothing else carries any. ``mode`` is needed for those two only (the mode of the
-    WELCOME, or the one the WELCOME before the ATTACH chose): LocalProtocolError without it.
+    in eager; REATTACH carries the userfaultfd and, except in private-copy, the region fd;
+    nothing else carries any. ``mode`` is needed for those three only (the mode of the WELCOME,
+    the one the WELCOME before the ATTACH chose, the REATTACH's own): LocalProtocolError
+    without it.
     """
     message_type = MessageType(message_type)
+    if message_type is MessageType.REATTACH:
+        if mode is None:
+            raise LocalProtocolError("the fds of REATTACH depend on the mode")
+        return 1 + _carries_region_fd(Mode(mode))
     if message_type in (MessageType.WELCOME, MessageType.ATTACH):
         if mode is None:
             raise LocalProtocolError(f"the fds of {message_type.name} depend on the mode")
@@ -329,6 +357,21 @@ def encode(message: Message) -> bytes:
             )
         case Ready():
             body = READY_BODY.pack(_uint("attachment_id", message.attachment_id, _U64))
+        case Reattach():
+            mode = _enum("mode", message.mode, Mode)
+            if mode is Mode.EAGER:
+                raise LocalProtocolError("REATTACH mode is eager: nothing to re-attach")
+            body = (
+                REATTACH_BODY.pack(
+                    mode.value,
+                    bytes(3),
+                    _uint("base", message.base, _U64),
+                    _uint("length", message.length, _U64),
+                    _uint("region_offset", message.region_offset, _U64),
+                )
+                + _string("region_id", message.region_id, 1, MAX_REGION_ID)
+                + _string("attach_token", message.attach_token, 1, MAX_TOKEN)
+            )
         case Detach() | Detached():
             body = b""
         case ErrorMessage():
@@ -474,6 +517,26 @@ def _decode_ready(reader: _Reader) -> Ready:
     return Ready(attachment_id=_int(attachment_id))
 
 
+def _decode_reattach(reader: _Reader) -> Reattach:
+    kind = reader.kind
+    mode, reserved, base, length, region_offset = reader.fixed(REATTACH_BODY)
+    _reserved(kind, reserved)
+    chosen = _decoded_mode(kind, "mode", _int(mode), optional=False)
+    assert chosen is not None
+    if chosen is Mode.EAGER:
+        raise _malformed("REATTACH mode is eager: an eager attachment has nothing to re-attach")
+    reattach = Reattach(
+        mode=chosen,
+        base=_int(base),
+        length=_int(length),
+        region_offset=_int(region_offset),
+        region_id=reader.string("region_id", 1, MAX_REGION_ID),
+        attach_token=reader.string("attach_token", 1, MAX_TOKEN),
+    )
+    reader.end()
+    return reattach
+
+
 def _decode_detach(reader: _Reader) -> Detach:
     reader.end()
     return Detach()
@@ -503,6 +566,7 @@ _DECODERS: dict[MessageType, Callable[[_Reader], Message]] = {
     MessageType.DETACH: _decode_detach,
     MessageType.DETACHED: _decode_detached,
     MessageType.ERROR: _decode_error,
+    MessageType.REATTACH: _decode_reattach,
 }
 
 
@@ -582,6 +646,7 @@ _S = ServiceState
 #: (state, message received) -> next state. Anything missing is UNEXPECTED.
 SERVICE_RECEIVES: dict[tuple[ServiceState, MessageType], ServiceState] = {
     (_S.AWAIT_HELLO, MessageType.HELLO): _S.SEND_WELCOME,
+    (_S.AWAIT_HELLO, MessageType.REATTACH): _S.SEND_READY,
     (_S.AWAIT_ATTACH, MessageType.ATTACH): _S.SEND_READY,
     (_S.ATTACHED, MessageType.DETACH): _S.SEND_DETACHED,
 }
@@ -635,7 +700,18 @@ class Violation:
     close_reply: bytes
 
 
-ServiceEvent = HelloReceived | AttachReceived | DetachRequested | Violation
+@dataclass(frozen=True, slots=True)
+class ReattachReceived:
+    """A valid REATTACH. ``uffd_fd`` and ``region_fd`` (None in private-copy) are now owned by
+    the caller. Check the token and the range, adopt the userfaultfd, then answer ``ready``
+    (with any new attachment id) or ``error``."""
+
+    reattach: Reattach
+    uffd_fd: int
+    region_fd: int | None
+
+
+ServiceEvent = HelloReceived | AttachReceived | ReattachReceived | DetachRequested | Violation
 
 
 class ServiceConnection:
@@ -650,6 +726,7 @@ class ServiceConnection:
         self._state = ServiceState.AWAIT_HELLO
         self._hello: Hello | None = None
         self._welcome: Welcome | None = None
+        self._reattach: Reattach | None = None
 
     @property
     def state(self) -> ServiceState:
@@ -657,7 +734,9 @@ class ServiceConnection:
 
     @property
     def mode(self) -> Mode | None:
-        """The mode of the WELCOME sent, None before."""
+        """The mode of the WELCOME sent (or of the REATTACH received), None before."""
+        if self._reattach is not None:
+            return self._reattach.mode
         return self._welcome.mode if self._welcome is not None else None
 
     @property
@@ -696,11 +775,12 @@ class ServiceConnection:
                 f"{kind.name} is not allowed in state {self._state.name}{self._expecting()}",
                 fds,
             )
-        expected = fds_expected(kind, self.mode)
+        mode = message.mode if isinstance(message, Reattach) else self.mode
+        expected = fds_expected(kind, mode)
         if len(fds) != expected:
             return self._violation(
                 ErrorCode.MALFORMED,
-                f"{kind.name}{self._in_mode(kind)} carries {expected} fd(s), got {len(fds)}",
+                f"{kind.name}{self._in_mode(kind, mode)} carries {expected} fd(s), got {len(fds)}",
                 fds,
             )
         event: ServiceEvent
@@ -710,6 +790,9 @@ class ServiceConnection:
                 event = HelloReceived(message)
             case Attach():
                 event = AttachReceived(message, fds[0] if fds else None)
+            case Reattach():
+                self._reattach = message
+                event = ReattachReceived(message, fds[0], fds[1] if len(fds) > 1 else None)
             case _:
                 event = DetachRequested()
         self._state = next_state
@@ -738,10 +821,11 @@ class ServiceConnection:
         return packet
 
     def ready(self, attachment_id: int) -> bytes:
-        """The READY packet answering the ATTACH just received. LocalProtocolError outside
-        SEND_READY or if ``attachment_id`` is not the WELCOME's."""
+        """The READY packet answering the ATTACH (or REATTACH) just received. LocalProtocolError
+        outside SEND_READY or if ``attachment_id`` is not the WELCOME's (a REATTACH has no
+        WELCOME: any id)."""
         next_state = self._sends(MessageType.READY)
-        if attachment_id != self.attachment_id:
+        if self._reattach is None and attachment_id != self.attachment_id:
             raise LocalProtocolError(
                 f"READY attachment_id {attachment_id} is not the WELCOME's {self.attachment_id}"
             )
@@ -794,8 +878,10 @@ class ServiceConnection:
         wanted = [kind.name for state, kind in SERVICE_RECEIVES if state is self._state]
         return f" (expecting {' or '.join(wanted)})" if wanted else " (expecting nothing)"
 
-    def _in_mode(self, kind: MessageType) -> str:
-        return f" in {self.mode.wire_name}" if kind is MessageType.ATTACH and self.mode else ""
+    def _in_mode(self, kind: MessageType, mode: Mode | None) -> str:
+        if kind in (MessageType.ATTACH, MessageType.REATTACH) and mode:
+            return f" in {mode.wire_name}"
+        return ""
 
 
 # --- the client's end ---
@@ -818,6 +904,7 @@ _C = ClientState
 #: (state, message sent) -> next state.
 CLIENT_SENDS: dict[tuple[ClientState, MessageType], ClientState] = {
     (_C.SEND_HELLO, MessageType.HELLO): _C.AWAIT_WELCOME,
+    (_C.SEND_HELLO, MessageType.REATTACH): _C.AWAIT_READY,
     (_C.SEND_ATTACH, MessageType.ATTACH): _C.AWAIT_READY,
     (_C.ATTACHED, MessageType.DETACH): _C.AWAIT_DETACHED,
 }
@@ -875,6 +962,7 @@ class ClientConnection:
         self._state = ClientState.SEND_HELLO
         self._hello: Hello | None = None
         self._welcome: Welcome | None = None
+        self._reattach: Reattach | None = None
 
     @property
     def state(self) -> ClientState:
@@ -882,7 +970,9 @@ class ClientConnection:
 
     @property
     def mode(self) -> Mode | None:
-        """The mode the service chose in WELCOME, None before."""
+        """The mode the service chose in WELCOME (or the REATTACH's), None before."""
+        if self._reattach is not None:
+            return self._reattach.mode
         return self._welcome.mode if self._welcome is not None else None
 
     @property
@@ -898,6 +988,16 @@ class ClientConnection:
         # Kept as the service will read it (0 modes become None, ints become enums), so that the
         # WELCOME is checked against what was really sent.
         self._hello = _decode_hello(_Reader(MessageType.HELLO, packet[HEADER.size :]))
+        self._state = next_state
+        return packet
+
+    def reattach(self, reattach: Reattach) -> bytes:
+        """The REATTACH packet, the first of a connection to a restarted service; send the
+        userfaultfd with it, then the region fd unless ``reattach.mode`` is private-copy.
+        LocalProtocolError outside SEND_HELLO or for a value the protocol cannot carry."""
+        next_state = self._sends(MessageType.REATTACH)
+        packet = encode(reattach)
+        self._reattach = reattach
         self._state = next_state
         return packet
 
@@ -961,7 +1061,7 @@ class ClientConnection:
                 self._welcome = message
                 event = WelcomeReceived(message, fds[0] if fds else None)
             case Ready():
-                if message.attachment_id != self._welcome_id():
+                if self._reattach is None and message.attachment_id != self._welcome_id():
                     raise _malformed(
                         f"READY attachment_id {message.attachment_id} is not the WELCOME's "
                         f"{self._welcome_id()}"

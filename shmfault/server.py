@@ -40,7 +40,7 @@ from typing import Any
 
 from shmfault import _unix, logs, memory, modes, probe
 from shmfault._abi import Feature
-from shmfault.engine import Attachment, FaultEngine
+from shmfault.engine import SERVICE_STOPPING, Attachment, FaultEngine
 from shmfault.firecracker import FirecrackerEndpoints
 from shmfault.firecracker import Limits as EndpointLimits
 from shmfault.handoff import HandoffServer
@@ -131,6 +131,7 @@ class ServerConfig:
     probe_round_trips: bool = True
     fault_around_pages: int = 16
     handshake_timeout: float = 10.0
+    reattach_grace: float = 60.0
     max_attachments: int = 4096
     max_attachments_per_uid: int = 1024
 
@@ -162,6 +163,8 @@ class ServerConfig:
             raise ConfigError("max_attachments and max_attachments_per_uid must be at least 1")
         if config.handshake_timeout <= 0:
             raise ConfigError(f"handshake_timeout must be positive, not {config.handshake_timeout}")
+        if config.reattach_grace < 0:
+            raise ConfigError(f"reattach_grace must not be negative, not {config.reattach_grace}")
         for path in (config.socket, config.handoff_socket):
             if len(os.fsencode(path)) > MAX_SOCKET_PATH:
                 raise ConfigError(
@@ -430,6 +433,8 @@ class Server:
 
         def on_end(attachment: Attachment) -> None:
             store.detach(attachment.region_id)
+            if attachment.reattach_key and attachment.end_reason != SERVICE_STOPPING:
+                store.forget_attachment(attachment.reattach_key)
             if attachment.recorder is not None:
                 attachment.recording_id = recordings.save_later(attachment.recorder)
 
@@ -446,6 +451,7 @@ class Server:
             max_attachments=config.max_attachments,
             max_attachments_per_uid=config.max_attachments_per_uid,
             recordings=self.recordings,
+            reattach_grace=config.reattach_grace,
         )
         self.handoff.start()
         self.firecracker = FirecrackerEndpoints(

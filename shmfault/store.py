@@ -392,7 +392,36 @@ CREATE TABLE IF NOT EXISTS regions (
     state         TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'deleting'))
 )
 """
+#: Attachments a restarted service lets their clients re-attach (docs/protocol.md, REATTACH):
+#: one row per live attachment, keyed by the hash of the token it was made with. Added in place
+#: to a version 1 database (a new table changes nothing that was there).
+_ATTACHMENTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS attachments (
+    token_hash    BLOB PRIMARY KEY,
+    region_id     TEXT NOT NULL,
+    uid           INTEGER NOT NULL,
+    mode          TEXT NOT NULL,
+    base          INTEGER NOT NULL,
+    length        INTEGER NOT NULL,
+    region_offset INTEGER NOT NULL,
+    created       REAL NOT NULL
+)
+"""
 _SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentRecord:
+    """A persisted attachment: what its client may re-attach after a restart."""
+
+    key: bytes
+    region_id: str
+    uid: int
+    mode: str
+    base: int
+    length: int
+    region_offset: int
+    created: float
 
 
 class RegionStore:
@@ -431,6 +460,9 @@ class RegionStore:
         self._names: dict[str, str] = {}
         self._reserved_bytes = 0
         self._reserved_count = 0
+        #: persisted attachments of a previous run not re-attached yet, and those of this run
+        self._orphans: dict[bytes, AttachmentRecord] = {}
+        self._live_records: set[bytes] = set()
         self._db = sqlite3.connect(
             state_dir / DATABASE_NAME, isolation_level=None, check_same_thread=False
         )
@@ -444,6 +476,7 @@ class RegionStore:
             )
         with self._transaction():
             self._db.execute(_SCHEMA)
+            self._db.execute(_ATTACHMENTS_SCHEMA)
             self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
         self._restore()
 
@@ -904,9 +937,178 @@ class RegionStore:
             if entry is not None and entry.attachments > 0:
                 entry.attachments -= 1
 
+    # -- re-attaching after a restart ------------------------------------------------------
+
+    def remember_attachment(
+        self,
+        region_id: str,
+        token: str,
+        *,
+        uid: int,
+        mode: str,
+        base: int,
+        length: int,
+        region_offset: int,
+    ) -> bytes:
+        """Persist an attachment made with ``token`` so that its client can re-attach after a
+        restart; returns its key (for :meth:`forget_attachment`)."""
+        key = _token_hash(token)
+        with self._lock, self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO attachments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, region_id, uid, mode, base, length, region_offset, time.time()),
+            )
+            self._live_records.add(key)
+        return key
+
+    def forget_attachment(self, key: bytes) -> None:
+        """The attachment ended for good (not by the service stopping): no re-attach."""
+        with self._lock:
+            self._live_records.discard(key)
+            if self._orphans.pop(key, None) is not None:
+                return  # an orphan is only in memory until claimed; its row goes below too
+        with self._lock, self._transaction() as db:
+            db.execute("DELETE FROM attachments WHERE token_hash = ?", (key,))
+
+    def reattach(
+        self, region_id: str, token: str, *, uid: int
+    ) -> tuple[RegionBacking, AttachmentRecord]:
+        """Claim the persisted attachment of a previous run made with ``token`` on
+        ``region_id``, for client ``uid``: the region and what was attached. The attachment
+        keeps the count it had since the restore; the caller calls :meth:`detach` when it ends.
+        Raises RegionNotFoundError, PermissionDeniedError (unknown token, another uid, already
+        re-attached)."""
+        key = _token_hash(token)
+        with self._lock:
+            entry = self._lookup(region_id)
+            record = self._orphans.get(key)
+            if record is None or record.region_id != entry.region.id:
+                attached = key in self._live_records
+                raise PermissionDeniedError(
+                    f"no attachment of region {entry.region.id} to re-attach with this token"
+                    + (" (it is attached now)" if attached else ""),
+                    "token",
+                )
+            if record.uid != uid:
+                raise PermissionDeniedError(
+                    f"the attachment belongs to uid {record.uid}, not {uid}", "token"
+                )
+            del self._orphans[key]
+            self._live_records.add(key)
+            return entry.data, record
+
+    def unclaim(self, record: AttachmentRecord) -> None:
+        """Undo :meth:`reattach` for a client told to retry: the attachment awaits it again."""
+        with self._lock:
+            self._live_records.discard(record.key)
+            self._orphans[record.key] = record
+
+    def orphans(self, region_id: str = "") -> tuple[AttachmentRecord, ...]:
+        """Persisted attachments of a previous run not re-attached (yet)."""
+        with self._lock:
+            return tuple(
+                r for r in self._orphans.values() if not region_id or r.region_id == region_id
+            )
+
+    def expire_orphans(self) -> tuple[AttachmentRecord, ...]:
+        """Give up on the previous run's attachments not re-attached by now (the caller waits
+        the re-attach grace period first): their rows go and their regions stop counting
+        them."""
+        with self._lock:
+            expired = tuple(self._orphans.values())
+            self._orphans.clear()
+            for record in expired:
+                entry = self._entries.get(record.region_id)
+                if entry is not None and entry.attachments > 0:
+                    entry.attachments -= 1
+        if expired:
+            with self._lock, self._transaction() as db:
+                db.executemany(
+                    "DELETE FROM attachments WHERE token_hash = ?", [(r.key,) for r in expired]
+                )
+        return expired
+
+    def adopt_region_fd(self, region_id: str, fd: int) -> bool:
+        """Make the memfd ``fd`` (a re-attaching client's mapping of the region from before a
+        restart) the region's backing again, if the region's content was reset by the restart
+        and nothing has used its new, empty backing since. Returns True when adopted or when
+        ``fd`` already is the backing; False when the region keeps its own (posix-shm: its
+        content survived). Raises PermissionDeniedError when ``fd`` is not this region's memfd
+        or the region's new backing is in use. Does not take ``fd`` (the caller closes it)."""
+        with self._lock:
+            entry = self._lookup(region_id)
+            region, data = entry.region, entry.data
+            info = os.fstat(fd)
+            current = os.fstat(data.backing.fileno())
+            if (info.st_dev, info.st_ino) == (current.st_dev, current.st_ino):
+                return True
+            if region.backing is not BackingKind.MEMFD or not region.content_reset:
+                return False
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                target = ""
+            if not target.startswith(f"/memfd:shmfault:{region.id} ") or (
+                not stat.S_ISREG(info.st_mode) or info.st_size != region.size
+            ):
+                raise PermissionDeniedError(
+                    f"the fd presented is not region {region.id}'s memory", "region_fd"
+                )
+            live = entry.attachments - sum(
+                1 for r in self._orphans.values() if r.region_id == region.id
+            )
+            if live > 1 or data.allocated_bytes() > 0:
+                raise PermissionDeniedError(
+                    f"region {region.id} has been used since the restart: its memory from "
+                    "before cannot be taken back",
+                    "region_fd",
+                )
+            with data.locked():
+                old = data.backing
+                data.backing = memory.Backing(
+                    BackingKind.MEMFD, os.dup(fd), region.size, region.page_size
+                )
+                old.close()
+            entry.region = replace(region, content_reset=False)
+        log_event(
+            logging.WARNING,
+            "region_recovered",
+            id=region.id,
+            reason="a re-attaching client handed back its memory from before the restart",
+        )
+        return True
+
     # -- restore and shutdown --------------------------------------------------------------
 
     def _restore(self) -> None:
+        self._restore_regions()
+        self._restore_attachments()
+
+    def _restore_attachments(self) -> None:
+        rows = self._db.execute(
+            "SELECT token_hash, region_id, uid, mode, base, length, region_offset, created "
+            "FROM attachments"
+        ).fetchall()
+        gone = []
+        for row in rows:
+            record = AttachmentRecord(bytes(row[0]), *row[1:])
+            entry = self._entries.get(record.region_id)
+            if entry is None:
+                gone.append((record.key,))
+                continue
+            self._orphans[record.key] = record
+            entry.attachments += 1  # attached until its client comes back or gives up
+        if gone:
+            with self._transaction() as db:
+                db.executemany("DELETE FROM attachments WHERE token_hash = ?", gone)
+        if self._orphans:
+            log_event(
+                logging.INFO,
+                "attachments_awaiting_reattach",
+                count=len(self._orphans),
+            )
+
+    def _restore_regions(self) -> None:
         rows = self._db.execute(
             "SELECT id, name, size, page_size, backing, shm_name, source_kind, source_path, "
             "source_offset, source_region, fill_policy, labels, created, state FROM regions "

@@ -46,6 +46,8 @@ from shmfault.protocol import (
     Mode,
     Ready,
     ReadyReceived,
+    Reattach,
+    ReattachReceived,
     ServiceConnection,
     ServiceState,
     UffdAccess,
@@ -118,6 +120,7 @@ def welcome_for(mode: Mode, attachment_id: int = ATTACHMENT_ID) -> Welcome:
 
 HELLO = Hello("region-1", "token-1")
 ATTACH = Attach(base=0x7F00_0000_0000, length=0x10000, region_offset=0)
+REATTACH = Reattach("region-1", "token-1", Mode.SHARED_COPY, 0x7F00_0000_0000, 0x10000, 0)
 
 #: one valid message of every type, as a peer would send it
 SAMPLES: dict[MessageType, Message] = {
@@ -128,6 +131,7 @@ SAMPLES: dict[MessageType, Message] = {
     MessageType.DETACH: Detach(),
     MessageType.DETACHED: Detached(),
     MessageType.ERROR: ErrorMessage(ErrorCode.INTERNAL, "boom"),
+    MessageType.REATTACH: REATTACH,
 }
 
 
@@ -149,6 +153,7 @@ def test_constants_are_the_documents() -> None:
         "DETACH": 5,
         "DETACHED": 6,
         "ERROR": 7,
+        "REATTACH": 8,
     }
     assert [(m.value, m.wire_name) for m in Mode] == [
         (1, "shared-copy"),
@@ -176,6 +181,7 @@ def test_constants_are_the_documents() -> None:
                 "TIMEOUT",
                 "INTERNAL",
                 "SHUTTING_DOWN",
+                "BUSY",
             ],
             start=1,
         )
@@ -365,7 +371,26 @@ _BAD_PACKETS: list[tuple[str, bytes, ErrorCode, str]] = [
     ),
     ("reserved", packet(5, reserved=1), ErrorCode.MALFORMED, "header reserved field is 0x1"),
     ("type 0", packet(0), ErrorCode.MALFORMED, "type 0x00 is unknown"),
-    ("type 8 (reserved)", packet(8), ErrorCode.MALFORMED, "type 0x08 is unknown"),
+    ("type 9 (reserved)", packet(9), ErrorCode.MALFORMED, "type 0x09 is unknown"),
+    ("reattach short", packet(8, bytes(27)), ErrorCode.MALFORMED, "REATTACH body is 27 bytes"),
+    (
+        "reattach eager",
+        packet(8, b"\x04" + bytes(27) + string(b"r") + string(b"t")),
+        ErrorCode.MALFORMED,
+        "REATTACH mode is eager",
+    ),
+    (
+        "reattach reserved",
+        packet(8, b"\x01\x00\x01\x00" + bytes(24) + string(b"r") + string(b"t")),
+        ErrorCode.MALFORMED,
+        "REATTACH reserved bytes",
+    ),
+    (
+        "reattach no token",
+        packet(8, b"\x01" + bytes(27) + string(b"r") + string(b"")),
+        ErrorCode.MALFORMED,
+        "REATTACH attach_token is 0 bytes",
+    ),
     ("type 0xffff", packet(0xFFFF), ErrorCode.MALFORMED, "type 0xffff is unknown"),
     # HELLO
     ("hello empty body", packet(1), ErrorCode.MALFORMED, "HELLO body is 0 bytes"),
@@ -505,13 +530,13 @@ _BAD_PACKETS: list[tuple[str, bytes, ErrorCode, str]] = [
         "error code 0",
         packet(7, b"\0\0\0\0" + string(b"")),
         ErrorCode.MALFORMED,
-        "ERROR code is 0, not 1-12",
+        "ERROR code is 0, not 1-13",
     ),
     (
-        "error code 13",
-        packet(7, b"\x0d\0\0\0" + string(b"")),
+        "error code 14",
+        packet(7, b"\x0e\0\0\0" + string(b"")),
         ErrorCode.MALFORMED,
-        "ERROR code is 13",
+        "ERROR code is 14",
     ),
     (
         "error message invalid",
@@ -616,6 +641,7 @@ S = ServiceState
 def test_service_tables_are_the_documents() -> None:
     receives: dict[tuple[ServiceState, MessageType], ServiceState] = {
         (S.AWAIT_HELLO, MessageType.HELLO): S.SEND_WELCOME,
+        (S.AWAIT_HELLO, MessageType.REATTACH): S.SEND_READY,
         (S.AWAIT_ATTACH, MessageType.ATTACH): S.SEND_READY,
         (S.ATTACHED, MessageType.DETACH): S.SEND_DETACHED,
     }
@@ -693,6 +719,7 @@ def test_service_receives_every_message_in_every_state(
         expected = {
             MessageType.HELLO: HelloReceived(HELLO),
             MessageType.ATTACH: AttachReceived(ATTACH, FD),
+            MessageType.REATTACH: ReattachReceived(REATTACH, FD, FD + 1),
             MessageType.DETACH: DetachRequested(),
         }[kind]
         assert event == expected
@@ -702,7 +729,9 @@ def test_service_receives_every_message_in_every_state(
 def test_service_violation_says_what_it_expected() -> None:
     event = service_in(S.AWAIT_HELLO).receive(encode(ATTACH), [FD])
     assert isinstance(event, Violation)
-    assert event.message == "ATTACH is not allowed in state AWAIT_HELLO (expecting HELLO)"
+    assert event.message == (
+        "ATTACH is not allowed in state AWAIT_HELLO (expecting HELLO or REATTACH)"
+    )
     event = service_in(S.SEND_WELCOME).receive(encode(HELLO))
     assert isinstance(event, Violation)
     assert event.message.endswith("(expecting nothing)")
@@ -903,6 +932,7 @@ C = ClientState
 def test_client_tables() -> None:
     sends: dict[tuple[ClientState, MessageType], ClientState] = {
         (C.SEND_HELLO, MessageType.HELLO): C.AWAIT_WELCOME,
+        (C.SEND_HELLO, MessageType.REATTACH): C.AWAIT_READY,
         (C.SEND_ATTACH, MessageType.ATTACH): C.AWAIT_READY,
         (C.ATTACHED, MessageType.DETACH): C.AWAIT_DETACHED,
     }
@@ -914,6 +944,52 @@ def test_client_tables() -> None:
     }
     assert sends == CLIENT_SENDS
     assert receives == CLIENT_RECEIVES
+
+
+# --- re-attaching after a restart ---
+
+
+@pytest.mark.parametrize(
+    "mode", [m for m in Mode if m is not Mode.EAGER], ids=lambda m: m.wire_name
+)
+def test_reattach_round_trip_and_its_fds(mode: Mode) -> None:
+    message = Reattach("r1", "t" * 43, mode, 0x7F00_0000_0000, 1 << 30, 4096)
+    assert decode(encode(message)) == message
+    expected = 1 if mode is Mode.PRIVATE_COPY else 2
+    assert fds_expected(MessageType.REATTACH, mode) == expected
+    client = ClientConnection()
+    packet = client.reattach(message)
+    assert client.state is C.AWAIT_READY and client.mode is mode
+    service = ServiceConnection()
+    fds = [FD + i for i in range(expected)]
+    event = service.receive(packet, fds)
+    assert event == ReattachReceived(message, FD, FD + 1 if expected == 2 else None)
+    assert service.state is S.SEND_READY and service.mode is mode
+    # A re-attachment gets a new id: READY may carry any.
+    assert client.receive(service.ready(9999)) == ReadyReceived(9999)
+    assert (client.state, service.state) == (C.ATTACHED, S.ATTACHED)
+    assert decode(client.detach()) == Detach()
+
+
+def test_reattach_with_the_wrong_fds_is_a_violation_that_returns_them() -> None:
+    event = ServiceConnection().receive(encode(REATTACH), [FD])
+    assert isinstance(event, Violation)
+    assert event.code is ErrorCode.MALFORMED
+    assert "REATTACH in shared-copy carries 2 fd(s), got 1" in event.message
+    assert event.fds_to_close == [FD]
+
+
+def test_reattach_of_an_eager_attachment_cannot_be_encoded() -> None:
+    with pytest.raises(LocalProtocolError, match="eager"):
+        encode(Reattach("r1", "t", Mode.EAGER, 0, 4096))
+
+
+def test_reattach_is_only_the_first_message() -> None:
+    event = service_in(S.ATTACHED).receive(encode(REATTACH), [FD, FD + 1])
+    assert isinstance(event, Violation)
+    assert event.code is ErrorCode.UNEXPECTED
+    with pytest.raises(LocalProtocolError):
+        client_in(C.ATTACHED).reattach(REATTACH)
 
 
 def client_in(state: ClientState, mode: Mode = Mode.SHARED_COPY) -> ClientConnection:
