@@ -466,7 +466,13 @@ class RegionStore:
         self._db = sqlite3.connect(
             state_dir / DATABASE_NAME, isolation_level=None, check_same_thread=False
         )
-        self._db.execute("PRAGMA synchronous = FULL")
+        # WAL with synchronous=NORMAL: a commit is durable once it returns against a crash of
+        # this process (SIGKILL included), which is what the two-step region changes and the
+        # persisted attachments must survive; only a power loss may drop the last commits,
+        # and it takes every region's memory and every client with it. FULL would fsync on
+        # every attach and detach (about 3 ms each on a disk).
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version not in (0, _SCHEMA_VERSION):
             raise InvalidArgumentError(
