@@ -56,3 +56,10 @@ kernel-matrix: setup
 # The bounded subset under 6.1 (the probe, one attach per mode, the fallbacks): about two minutes.
 kernel-subset: setup
 	SHMFAULT_KERNEL_SUBSET=1 $(BIN)/python -m pytest tests/kernel/test_kernel_61.py
+
+# The soak (docs/reliability.md): client processes hammering the service with racing faults and
+# drops against a counter oracle, then fds and memory compared. SECONDS bounds it.
+SECONDS ?= 60
+.PHONY: soak
+soak: setup
+	$(BIN)/python scripts/soak.py --seconds $(SECONDS)
