@@ -262,7 +262,7 @@ def test_an_attach_without_its_userfaultfd_is_refused(
 def test_a_second_message_with_a_userfaultfd_after_ready_ends_only_that_attachment(
     victim: Victim, handoffs: Callable[[str | os.PathLike[str]], Handoff], second: str
 ) -> None:
-    """docs/security.md §4.3, §5.3: once attached, only DETACH (without fds) is allowed.
+    """docs/security.md §4.3: once attached, only DETACH (without fds) is allowed.
     Anything else ends that attachment with an ERROR and closes every fd that came with it; the
     client's own pages stay registered to its userfaultfd, so unfilled ones block, never read
     wrong bytes (docs/protocol.md §5)."""
