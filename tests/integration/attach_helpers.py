@@ -457,3 +457,26 @@ def handoff_pool() -> Iterator[Callable[[str | os.PathLike[str]], Handoff]]:
     yield connect
     for connection in opened:
         connection.close()
+
+
+# --- hostile clients (docs/security.md §6: what every hostile test checks afterwards) ---
+
+
+def service_pid(service: Any) -> int:
+    """The pid of a running ``conftest.Service``."""
+    assert service.process is not None, "the service is not running"
+    return int(service.process.pid)
+
+
+def unharmed(client: Client, pid: int, baseline: int, region_id: str, source: bytes) -> None:
+    """The service came through a hostile client whole: its fd count is back at ``baseline``
+    (nothing received or opened for the hostile connection was leaked), the region counts no
+    attachment left over, and a well-behaved client attaches and reads every byte right."""
+    settle(lambda: fd_count(pid) == baseline, f"the service is back at {baseline} fds")
+    settle(
+        lambda: client.get_region(region_id).attachments == 0,
+        "the region counts no attachment left over",
+    )
+    with client.attach(region_id) as attachment:
+        assert Memory.of(attachment).read() == source
+    settle(lambda: fd_count(pid) == baseline, f"the service is back at {baseline} fds")
