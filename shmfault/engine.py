@@ -41,6 +41,7 @@ import os
 import queue
 import re
 import select
+import signal
 import socket
 import threading
 import time
@@ -73,6 +74,12 @@ EVENTS_PER_READ = 64
 MAX_RETRIES = 16
 #: Times in a row one page may fault again after an EEXIST wake before the attachment is ended.
 MAX_REFAULTS = 10_000
+#: A read of a client's userfaultfd that has not returned after this many seconds was made to
+#: block by the client (it shares the file: it cleared O_NONBLOCK and read its own events).
+READ_STALL = 0.25
+#: The signal that interrupts such a read (sent to the engine thread only); the engine takes
+#: it only when the application has not (its handler is SIG_DFL at start).
+STALL_SIGNAL = signal.SIGUSR2
 #: Recorded pages filled per step of a replay. Faults are served between steps, so this bounds
 #: how long a fault waits behind a replay (a step of scattered pages is one ioctl per page).
 PREFETCH_PAGES = 64
@@ -321,6 +328,14 @@ class _Gone(Exception):
     """The client's mm is gone: end the attachment."""
 
 
+class _Stalled(Exception):
+    """The client made the engine's read of its userfaultfd block: end the attachment."""
+
+
+def _interrupt_only(signum: int, frame: object) -> None:
+    """STALL_SIGNAL's handler: its delivery interrupts the engine's read; nothing else."""
+
+
 _UFFD, _CONNECTION, _PIDFD, _CONTROL = range(4)
 
 
@@ -355,6 +370,13 @@ class FaultEngine:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="shmfault-engine", daemon=True)
         self._running = False
+        #: the attachment whose userfaultfd the engine thread is reading, and since when
+        self._reading: tuple[Attachment, float] | None = None
+        #: the attachment whose read the stall guard interrupted
+        self._stalled: Attachment | None = None
+        self._guard = threading.Thread(
+            target=self._guard_reads, name="shmfault-engine-guard", daemon=True
+        )
 
     # --- control (any thread) ---
 
@@ -362,6 +384,13 @@ class FaultEngine:
         """Start the engine thread."""
         self._running = True
         self._thread.start()
+        # A handler can only be installed from the main thread; the service starts its engine
+        # there. Elsewhere (a library user's thread) the guard stays off.
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(
+            STALL_SIGNAL
+        ) in (signal.SIG_DFL, _interrupt_only):
+            signal.signal(STALL_SIGNAL, _interrupt_only)
+            self._guard.start()
 
     def add(self, attachment: Attachment) -> None:
         """Start serving ``attachment`` (the engine takes its fds). Does not block; the
@@ -411,6 +440,25 @@ class FaultEngine:
         with self._lock:
             live = self._attachments.values()
             return sum(1 for a in live if uid is None or a.uid == uid)
+
+    # --- the stall guard ---
+
+    def _guard_reads(self) -> None:
+        """Interrupt a read of a client's userfaultfd that blocks: the client shares the file
+        and can clear O_NONBLOCK between the engine setting it and reading, after reading its
+        own events; the engine thread, serving every client, must not wait on one."""
+        ident = self._thread.ident
+        assert ident is not None
+        while self._running:
+            time.sleep(READ_STALL / 2)
+            reading = self._reading
+            if reading is not None and time.monotonic() - reading[1] > READ_STALL:
+                # Only a read that really was interrupted ends the attachment: one that returned
+                # meanwhile (a thread descheduled for long on a busy machine) is not a stall.
+                self._stalled = reading[0]
+                if self._reading is reading:
+                    with contextlib.suppress(ProcessLookupError, RuntimeError):
+                        signal.pthread_kill(ident, STALL_SIGNAL)
 
     # --- the engine thread ---
 
@@ -612,6 +660,16 @@ class FaultEngine:
         except _Gone:
             attachment.stats.abandoned += len(pending)
             self._finish(attachment, "the client's memory is gone (ESRCH)")
+        except _Stalled:
+            logs.event(_log, logging.WARNING, "read_stalled", attachment=attachment.id)
+            for fault, _read_at, _tries in pending:
+                with contextlib.suppress(_Gone, UffdError):
+                    self._wake(attachment, fault.address)
+            self._finish(
+                attachment,
+                "the client made the service's read of its userfaultfd block (it cleared "
+                "O_NONBLOCK on the shared file and read its own events)",
+            )
         except (UffdError, ShmfaultError, OSError) as exc:
             self._failed(attachment, exc, [fault for fault, _read_at, _tries in pending])
 
@@ -629,7 +687,16 @@ class FaultEngine:
     ) -> bool:
         """Read one batch: apply its events, queue its faults. False when nothing was read."""
         assert attachment.uffd is not None
-        events = attachment.uffd.read_events(EVENTS_PER_READ)
+        self._stalled = None
+        self._reading = (attachment, time.monotonic())
+        try:
+            events = attachment.uffd.read_events(EVENTS_PER_READ)
+        except InterruptedError:
+            if self._stalled is attachment:
+                raise _Stalled from None
+            events = []  # a signal meant for something else: read again when epoll says so
+        finally:
+            self._reading = None
         if not events:
             return False
         read_at = time.perf_counter_ns()
@@ -754,10 +821,13 @@ class FaultEngine:
                 return
             if exc.errno != errno.ENOENT:
                 raise
-            # No VMA at the address any more: the client unmapped it (its UNMAP event is on its
-            # way) or its mm is being torn down. No thread can be waiting on a page that is not
-            # mapped: there is nothing to fill or wake.
+            # No VMA at the address any more: the client unmapped it while the thread waited
+            # (its UNMAP event is on its way) or its mm is being torn down. Nothing to fill; the
+            # thread is woken (a wake needs no mapping) so that it faults again and gets its
+            # SIGSEGV now rather than sleeping until the client closes its userfaultfd.
             attachment.stats.abandoned += 1
+            with contextlib.suppress(UffdError):
+                uffd.wake(fault.address - fault.address % page, page)
 
     def _fill(
         self,

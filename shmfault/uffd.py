@@ -346,7 +346,8 @@ class Uffd:
         waits for one. ``preadv2(RWF_NOWAIT)`` is no way round this: on a userfaultfd whose
         O_NONBLOCK is cleared it reports EAGAIN even with events queued (seen on 6.18), and the
         first read after O_NONBLOCK is set again may do the same: callers poll level-triggered
-        and read again. Raises
+        and read again. A signal interrupts the read (InterruptedError), never restarts it: a
+        read that blocks can be ended from another thread. Raises
         :class:`~shmfault.errors.EventDecodeError` for a record it cannot decode (carrying the
         others) and :class:`UffdError` for a failed read.
         """
@@ -357,9 +358,11 @@ class Uffd:
                 flags = fcntl.fcntl(fd, fcntl.F_GETFL)
                 if not flags & os.O_NONBLOCK:
                     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-            count = os.readv(fd, [buffer])
+            count = _libc.read_once(fd, buffer)
         except BlockingIOError:
             return []
+        except InterruptedError:
+            raise  # a signal sent to interrupt a read that blocked (FaultEngine's stall guard)
         except OSError as exc:
             raise uffd_error(errno_of(exc), "read") from None
         return parse_events(memoryview(buffer)[:count])

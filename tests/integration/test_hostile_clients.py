@@ -301,13 +301,6 @@ def test_a_client_changing_its_mapping_mid_fault_is_served_right(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a fault whose page was unmapped before it was served ends in ENOENT, "
-    "which the engine counts as abandoned without UFFDIO_WAKE; the faulting thread sleeps "
-    "until the client closes its userfaultfd instead of getting its SIGSEGV (docs/security.md "
-    "§8, gap 2)",
-)
 def test_a_fault_on_a_page_unmapped_mid_fault_ends_at_once(
     service: Service, victim: Victim, children: Callable[..., Child]
 ) -> None:

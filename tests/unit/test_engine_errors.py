@@ -5,7 +5,8 @@ its documented action (docs/reliability.md, "What each ioctl error does"):
 - EAGAIN: the queued events are read and the fill retried, at most MAX_RETRIES times, then the
   thread is woken unfilled (it faults again);
 - ENOMEM: the thread is woken unfilled, to fault again (the allocation may succeed later);
-- ENOENT: no mapping at the address any more: nothing to fill or wake, counted abandoned;
+- ENOENT: no mapping at the address any more: nothing to fill, counted abandoned, the thread
+  woken (it faults again and gets its SIGSEGV);
 - ESRCH, ENOSPC: the client's memory is gone: the attachment ends, nothing woken;
 - anything else (EINVAL, EFAULT, EPERM, EIO...): the attachment ends, every fault read and not
   served is woken first, so no thread stays blocked on this service's account.
@@ -165,9 +166,10 @@ def test_enomem_wakes_the_thread_to_fault_again(engine: FaultEngine) -> None:
     assert not ended(engine, attachment)
 
 
-def test_enoent_abandons_the_fault_without_a_wake(engine: FaultEngine) -> None:
+def test_enoent_abandons_the_fault_and_wakes_its_thread(engine: FaultEngine) -> None:
     attachment, fake = serve(engine, [[fault(0)]], {"UFFDIO_COPY": [errno.ENOENT]})
-    assert fake.operations() == ["UFFDIO_COPY"]
+    # Woken to fault again, on a page no longer mapped: its SIGSEGV, now.
+    assert fake.operations() == ["UFFDIO_COPY", "UFFDIO_WAKE"]
     assert attachment.stats.abandoned == 1
     assert not ended(engine, attachment)
 
