@@ -209,6 +209,14 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="time a client gets to finish the attach handshake (default 10)",
     )
     parser.add_argument(
+        "--spin-us",
+        type=int,
+        dest="spin_us",
+        metavar="MICROSECONDS",
+        help="after serving a fault, poll this long before sleeping: lower latency for "
+        "clients that fault again soon, for that much CPU (default 0)",
+    )
+    parser.add_argument(
         "--reattach-grace",
         type=float,
         dest="reattach_grace",

@@ -130,6 +130,7 @@ class ServerConfig:
     workers: int = 16
     probe_round_trips: bool = True
     fault_around_pages: int = 16
+    spin_us: int = 0
     handshake_timeout: float = 10.0
     reattach_grace: float = 60.0
     max_attachments: int = 4096
@@ -163,6 +164,8 @@ class ServerConfig:
             raise ConfigError("max_attachments and max_attachments_per_uid must be at least 1")
         if config.handshake_timeout <= 0:
             raise ConfigError(f"handshake_timeout must be positive, not {config.handshake_timeout}")
+        if not 0 <= config.spin_us <= 1_000_000:
+            raise ConfigError(f"spin_us must be 0-1000000, not {config.spin_us}")
         if config.reattach_grace < 0:
             raise ConfigError(f"reattach_grace must not be negative, not {config.reattach_grace}")
         for path in (config.socket, config.handoff_socket):
@@ -438,7 +441,9 @@ class Server:
             if attachment.recorder is not None:
                 attachment.recording_id = recordings.save_later(attachment.recorder)
 
-        self.engine = FaultEngine(fault_around_pages=config.fault_around_pages, on_end=on_end)
+        self.engine = FaultEngine(
+            fault_around_pages=config.fault_around_pages, spin_us=config.spin_us, on_end=on_end
+        )
         self.engine.start()
         report = self.capabilities()
         self.handoff = HandoffServer(
@@ -530,6 +535,7 @@ class Server:
         if self.engine is not None:
             # Attached clients keep their own userfaultfd: their unfilled pages stay blocked,
             # never zero-filled, until they detach or the service comes back.
+            _event(logging.INFO, "engine_stats", **self.engine.engine_stats())
             self.engine.stop()
         if self.recordings is not None:
             self.recordings.close()  # what ended attachments recorded is on disk before exit

@@ -17,6 +17,7 @@ and why it failed. ``user_mode_only=True`` restricts opening to path 3, ``False`
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -352,7 +353,7 @@ class Uffd:
         others) and :class:`UffdError` for a failed read.
         """
         fd = self.fileno()
-        buffer = bytearray(max_events * _abi.UFFD_MSG_SIZE)
+        buffer = ctypes.create_string_buffer(max_events * _abi.UFFD_MSG_SIZE)
         try:
             if self._nonblocking:
                 flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -365,7 +366,7 @@ class Uffd:
             raise  # a signal sent to interrupt a read that blocked (FaultEngine's stall guard)
         except OSError as exc:
             raise uffd_error(errno_of(exc), "read") from None
-        return parse_events(memoryview(buffer)[:count])
+        return parse_events(ctypes.string_at(buffer, count))
 
     # --- ioctls ---
 
