@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from shmfault import _unix, logs, protocol
 from shmfault._abi import Feature
@@ -398,17 +399,12 @@ class HandoffServer:
         try:
             if uffd is None:  # eager: fill the attached range before READY
                 region.fill(attach.region_offset, attach.length)
-            attachment = Attachment(
-                region=region,
-                mode=choice.mode,
-                ranges=[MappedRange(attach.base, attach.length, attach.region_offset)],
-                uffd=uffd,
-                connection=handshake.connection,
-                machine=handshake.machine,
-                pid=handshake.pid,
-                uid=handshake.uid,
-                pidfd=_unix.peer_pidfd(handshake.connection),
-                id=handshake.attachment_id,
+            attachment = self._new_attachment(
+                handshake,
+                region,
+                choice.mode,
+                attach,
+                uffd,
                 mode_reasons=choice.reasons,
                 recorder=(
                     Recorder(
@@ -421,10 +417,6 @@ class HandoffServer:
                 ),
                 replay=handshake.replay if uffd is not None else None,
             )
-            # The engine sends READY once it has the attachment: a client that has READY then
-            # finds the attachment live (GetStats), and no other thread ever touches the
-            # connection after the engine may have closed it.
-            attachment.greeting = handshake.machine.ready(attachment.id)
             if uffd is not None:
                 # Persisted, so that the client can re-attach to a restarted service.
                 attachment.reattach_key = self._store.remember_attachment(
@@ -440,10 +432,7 @@ class HandoffServer:
             if uffd is not None:
                 uffd.close()
             raise
-        # From here on the engine owns the connection, the uffd and the pidfd.
-        self._pending.pop(handshake.connection.fileno(), None)
-        self._selector.unregister(handshake.connection)
-        self._engine.add(attachment)
+        self._hand_over(handshake, attachment)
 
     def _reattach(self, handshake: _Handshake, event: protocol.ReattachReceived) -> None:
         """A client of the previous run comes back with its userfaultfd (and region fd): claim
@@ -496,21 +485,15 @@ class HandoffServer:
             uffd = self._adopt(region, message.mode, attach, event.uffd_fd)
             try:
                 uffd.wake(message.base, message.length)
-                attachment = Attachment(
-                    region=region,
-                    mode=message.mode,
-                    ranges=[MappedRange(message.base, message.length, message.region_offset)],
-                    uffd=uffd,
-                    connection=handshake.connection,
-                    machine=handshake.machine,
-                    pid=handshake.pid,
-                    uid=handshake.uid,
-                    pidfd=_unix.peer_pidfd(handshake.connection),
-                    id=handshake.attachment_id,
+                attachment = self._new_attachment(
+                    handshake,
+                    region,
+                    message.mode,
+                    attach,
+                    uffd,
                     mode_reasons="re-attached after a restart of the service",
                     reattach_key=record.key,
                 )
-                attachment.greeting = handshake.machine.ready(attachment.id)
             except UffdError as exc:
                 uffd.close()
                 raise _Refusal(ErrorCode.BAD_UFFD, str(exc)) from None
@@ -531,6 +514,39 @@ class HandoffServer:
             mode=message.mode.wire_name,
             pid=handshake.pid,
         )
+        self._hand_over(handshake, attachment)
+
+    def _new_attachment(
+        self,
+        handshake: _Handshake,
+        region: RegionBacking,
+        mode: Mode,
+        attach: protocol.Attach,
+        uffd: Uffd | None,
+        **details: Any,
+    ) -> Attachment:
+        """The engine's attachment for a handshake that succeeded; READY is its greeting."""
+        attachment = Attachment(
+            region=region,
+            mode=mode,
+            ranges=[MappedRange(attach.base, attach.length, attach.region_offset)],
+            uffd=uffd,
+            connection=handshake.connection,
+            machine=handshake.machine,
+            pid=handshake.pid,
+            uid=handshake.uid,
+            pidfd=_unix.peer_pidfd(handshake.connection),
+            id=handshake.attachment_id,
+            **details,
+        )
+        # The engine sends READY once it has the attachment: a client that has READY then
+        # finds the attachment live (GetStats), and no other thread ever touches the
+        # connection after the engine may have closed it.
+        attachment.greeting = handshake.machine.ready(attachment.id)
+        return attachment
+
+    def _hand_over(self, handshake: _Handshake, attachment: Attachment) -> None:
+        # From here on the engine owns the connection, the uffd and the pidfd.
         self._pending.pop(handshake.connection.fileno(), None)
         self._selector.unregister(handshake.connection)
         self._engine.add(attachment)

@@ -28,6 +28,21 @@ from shmfault.uffd import Uffd
 pytestmark = pytest.mark.timeout(30)
 
 
+def attachment_over(uffd: Uffd) -> tuple[Attachment, socket.socket]:
+    """An attachment of one page on ``uffd``, and the client's end of its connection."""
+    ours, theirs = socket.socketpair()
+    region: Any = SimpleNamespace(page_size=4096, region_id="r0000000000bb")
+    attachment = Attachment(
+        region=region,
+        mode=Mode.PRIVATE_COPY,
+        ranges=[MappedRange(0x7F00_0000_0000, 4096, 0)],
+        uffd=uffd,
+        connection=ours,
+        machine=None,
+    )
+    return attachment, theirs
+
+
 @pytest.fixture
 def guarded() -> Iterator[FaultEngine]:
     """An engine whose guard watches a thread the test runs (its own thread is not started)."""
@@ -41,16 +56,7 @@ def test_a_read_that_blocks_is_interrupted_and_ends_only_that_attachment(
     guarded: FaultEngine,
 ) -> None:
     uffd = Uffd.open(nonblocking=False)  # what a client that cleared O_NONBLOCK leaves
-    ours, theirs = socket.socketpair()
-    region: Any = SimpleNamespace(page_size=4096, region_id="r0000000000bb")
-    attachment = Attachment(
-        region=region,
-        mode=Mode.PRIVATE_COPY,
-        ranges=[MappedRange(0x7F00_0000_0000, 4096, 0)],
-        uffd=uffd,
-        connection=ours,
-        machine=None,
-    )
+    attachment, theirs = attachment_over(uffd)
     guarded._attachments[attachment.id] = attachment
     outcome: list[object] = []
 
@@ -74,25 +80,16 @@ def test_a_read_that_blocks_is_interrupted_and_ends_only_that_attachment(
     # Interrupted by the guard, after the stall bound and not long after it.
     assert time.monotonic() - started >= READ_STALL
     uffd.close()
-    ours.close()
+    attachment.connection.close()
     theirs.close()
 
 
 def test_a_read_that_returns_is_never_taken_for_a_stall(guarded: FaultEngine) -> None:
     uffd = Uffd.open()  # non-blocking: nothing queued, the read returns at once
-    ours, theirs = socket.socketpair()
-    region: Any = SimpleNamespace(page_size=4096, region_id="r0000000000bb")
-    attachment = Attachment(
-        region=region,
-        mode=Mode.PRIVATE_COPY,
-        ranges=[MappedRange(0x7F00_0000_0000, 4096, 0)],
-        uffd=uffd,
-        connection=ours,
-        machine=None,
-    )
+    attachment, theirs = attachment_over(uffd)
     # A stale mark from an earlier read must not end this one.
     guarded._stalled = attachment
     assert guarded._read_batch(attachment, deque()) is False
     uffd.close()
-    ours.close()
+    attachment.connection.close()
     theirs.close()

@@ -99,7 +99,11 @@ def engine() -> Iterator[FaultEngine]:
 
 
 def serve(
-    engine: FaultEngine, events: list[list[Any]], fails: dict[str, list[int]]
+    engine: FaultEngine,
+    events: list[list[Any]],
+    fails: dict[str, list[int]],
+    *,
+    zero_after_remove: bool = False,
 ) -> tuple[Attachment, FakeUffd]:
     """One batch of ``events`` read and served by the engine, as its thread would."""
     fake = FakeUffd(events, fails)
@@ -112,6 +116,7 @@ def serve(
         uffd=fake,  # type: ignore[arg-type]
         connection=ours,
         machine=None,
+        zero_after_remove=zero_after_remove,
     )
     engine._attachments[attachment.id] = attachment
     engine._serve_uffd(attachment)
@@ -218,20 +223,9 @@ def test_a_fault_outside_every_range_is_unregistered_and_woken_never_filled(
 def test_a_removed_page_with_balloon_semantics_is_zero_filled_not_copied(
     engine: FaultEngine,
 ) -> None:
-    fake = FakeUffd([[Remove(BASE, BASE + 2 * PAGE), fault(1)], [fault(1)]], {})
-    ours, theirs = socket.socketpair()
-    theirs.close()
-    attachment = Attachment(
-        region=Region(),  # type: ignore[arg-type]
-        mode=Mode.PRIVATE_COPY,
-        ranges=[MappedRange(BASE, 8 * PAGE, 0)],
-        uffd=fake,  # type: ignore[arg-type]
-        connection=ours,
-        machine=None,
-        zero_after_remove=True,
+    attachment, fake = serve(
+        engine, [[Remove(BASE, BASE + 2 * PAGE), fault(1)], [fault(1)]], {}, zero_after_remove=True
     )
-    engine._attachments[attachment.id] = attachment
-    engine._serve_uffd(attachment)
     # The REMOVE in the same batch is applied before the fault: zeros, and only the removed run
     # from the faulting page on.
     assert fake.calls == [("UFFDIO_ZEROPAGE", BASE + PAGE, PAGE)]
