@@ -216,6 +216,17 @@ def _act_mid_fault(
                 _libc.munmap(address + 16 * PAGE, 16 * PAGE)
             elif action == "munmap of the faulting page":
                 _libc.munmap(address, length)
+            elif action == "mremap of another part":
+                # Pages 16-31 move elsewhere (onto a reserved area): the service stops serving
+                # them (a partial move), the faulting page 5 stays where it was.
+                target = _libc.mmap(0, 16 * PAGE, 0, _libc.MAP_PRIVATE | _libc.MAP_ANONYMOUS)
+                _libc.mremap(
+                    address + 16 * PAGE,
+                    16 * PAGE,
+                    16 * PAGE,
+                    _libc.MREMAP_MAYMOVE | _libc.MREMAP_FIXED,
+                    target,
+                )
             elif action == "MADV_DONTNEED":
                 _libc.madvise(address, length, _libc.MADV_DONTNEED)
             elif action == "MADV_REMOVE":
@@ -239,7 +250,7 @@ def _act_mid_fault(
     outcome["touch returned"] = not toucher.is_alive()
     outcome["action returned"] = not actor.is_alive()
     if outcome["touch returned"] and action != "munmap of the faulting page":
-        still_mapped = 16 if action == "munmap of another part" else 32
+        still_mapped = 16 if action.endswith("of another part") else 32
         outcome["pages"] = [
             bytes(attachment.buffer[p * PAGE : (p + 1) * PAGE]) for p in range(still_mapped)
         ]
@@ -273,6 +284,7 @@ def _stopped(pid: int) -> bool:
 
 MID_FAULT = {
     "munmap of another part": ("shared-copy", "done"),
+    "mremap of another part": ("private-copy", "done"),
     "MADV_DONTNEED": ("private-copy", "done"),
     "MADV_REMOVE": ("shared-copy", "done"),
     # memfd regions are sealed against shrinking and growing.
@@ -285,9 +297,9 @@ MID_FAULT = {
 def test_a_client_changing_its_mapping_mid_fault_is_served_right(
     service: Service, victim: Victim, children: Callable[..., Child], action: str
 ) -> None:
-    """docs/security.md §5.2: munmap, madvise or ftruncate while a fault of the same client is
-    pending: the fault is answered with the region's bytes, the events are applied, and the
-    service carries on."""
+    """docs/security.md §5.2: munmap, mremap, madvise or ftruncate while a fault of the same
+    client is pending: the fault is answered with the region's bytes, the events are applied,
+    and the service carries on."""
     mode, result = MID_FAULT[action]
     attachment_id, outcome = _mid_fault(service, victim, children, mode, action)
     assert outcome["action"] == result
