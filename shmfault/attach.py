@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import enum
+import mmap
 import os
 import select
 import socket
@@ -309,6 +310,24 @@ def _receive(connection: socket.socket, machine: protocol.ClientConnection) -> p
     return event
 
 
+def _aligned_anonymous(length: int, alignment: int, protection: int) -> int:
+    """Private anonymous memory of ``length`` bytes at a multiple of ``alignment`` (a hugetlb
+    region's huge page: the service serves whole huge pages). Only some kernels align large
+    anonymous mappings by themselves (6.18 does for transparent huge pages, 6.1 does not), so
+    reserve ``alignment`` more and give the excess back at both ends."""
+    anonymous = _libc.MAP_PRIVATE | _libc.MAP_ANONYMOUS
+    if alignment <= mmap.PAGESIZE:
+        return _libc.mmap(0, length, protection, anonymous)
+    reserved = _libc.mmap(0, length + alignment, protection, anonymous)
+    address = -(-reserved // alignment) * alignment
+    if address > reserved:
+        _libc.munmap(reserved, address - reserved)
+    tail = reserved + length + alignment - (address + length)
+    if tail:
+        _libc.munmap(address + length, tail)
+    return address
+
+
 def attach(
     handoff_socket: str | os.PathLike[str],
     region_id: str,
@@ -360,8 +379,7 @@ def attach(
             if region_fd is not None:
                 address = _libc.mmap(0, length, protection, _libc.MAP_SHARED, region_fd)
             else:
-                anonymous = _libc.MAP_PRIVATE | _libc.MAP_ANONYMOUS
-                address = _libc.mmap(0, length, protection, anonymous)
+                address = _aligned_anonymous(length, welcome.page_size, protection)
         finally:
             if region_fd is not None and chosen is Mode.EAGER:
                 os.close(region_fd)  # nothing to re-attach: an eager mapping needs no service
@@ -402,10 +420,12 @@ def attach(
             reattach=reattach,
         )
     except BaseException:
-        if address:
-            _libc.munmap(address, length)
+        # The userfaultfd first: with EVENT_UNMAP, munmap of a registered range waits until
+        # someone reads the unmap event, and the only reader left would be this very handle.
         if uffd is not None:
             uffd.close()
+        if address:
+            _libc.munmap(address, length)
         connection.close()
         raise
     finally:
