@@ -793,6 +793,9 @@ def summarise_multi(records: list[Record]) -> dict[str, Any]:
             "fds_per_region": _median(region_rows, "fds_per_region"),
             "rss_kept_per_region_kib": _kib(_median(region_rows, "rss_kept_per_region")),
             "sample_checked": _median(region_rows, "sample_checked"),
+            "fd_limit_inherited": _median(region_rows, "fd_limit_inherited"),
+            "fd_limit": _median(region_rows, "fd_limit"),
+            "source": region_rows[0].get("source", "file"),
             "verified": all(r["verified"] for r in region_rows),
             "repetitions": len(region_rows),
         }
@@ -970,8 +973,14 @@ def format_multi(summary: dict[str, Any]) -> str:
     if regions:
         parts.append(
             f"\nScale: {regions['regions']:,.0f} regions of {regions['region_size'] // 1024} KiB "
-            "(file source, lazy), created one after another in a fresh service, a sample read "
-            "back and checked, then deleted:\n\n"
+            + (
+                "(file source, lazy)"
+                if regions["source"] == "file"
+                else "(no source: the fd limit does not allow a source file per region; a "
+                "sample is written after the timing)"
+            )
+            + ", created one after another in a fresh service, a sample read back and checked, "
+            "then deleted:\n\n"
         )
         kib = "KiB"
         rows = [
@@ -992,6 +1001,10 @@ def format_multi(summary: dict[str, Any]) -> str:
                 f"({_n(regions['anon_per_region_kib'], 1)} {kib})",
             ],
             ["service fds per region", _n(regions["fds_per_region"], 2)],
+            [
+                "service fd hard limit: inherited, given (2 per file-source region + 512)",
+                f"{_n(regions['fd_limit_inherited'])}, {_n(regions['fd_limit'])}",
+            ],
             [
                 "kept after all were deleted: RSS per region",
                 f"{_n(regions['rss_kept_per_region_kib'], 1)} {kib}",
