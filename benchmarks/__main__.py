@@ -25,9 +25,9 @@ from typing import Any
 from benchmarks import report
 from benchmarks.reference import DEFAULT_SOURCE
 from benchmarks.service import reap_all
-from benchmarks.workloads import MODES, Config, MiB, run_all
+from benchmarks.workloads import MODES, MULTI_WORKLOADS, Config, MiB, run_all
 
-COMMANDS = ("run", "rand", "seq", "replay", "profile", "show")
+COMMANDS = ("run", "rand", "seq", "replay", "share", "cores", "scale", "control", "profile", "show")
 
 
 def _size(text: str) -> int:
@@ -41,6 +41,20 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256M, 1G)") from None
     if size <= 0 or size % MiB:
         raise argparse.ArgumentTypeError(f"{text!r}: sizes are whole MiB")
+    return size
+
+
+def _small_size(text: str) -> int:
+    """A size in whole pages (4K, 64K, 1M...), for the many small regions of scale/control."""
+    units = {"k": 10, "m": 20, "g": 30}
+    value = text.strip().lower().removesuffix("ib").removesuffix("b")
+    shift = units.get(value[-1:], 0) if value else 0
+    try:
+        size = int(value[:-1] if shift else value) << shift
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 64K)") from None
+    if size <= 0 or size % 4096:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes are whole 4 KiB pages")
     return size
 
 
@@ -161,6 +175,52 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, help="also write the JSON document to FILE")
 
 
+def _multi(parser: argparse.ArgumentParser) -> None:
+    """Options of the multi-process workloads (share, cores, scale, control)."""
+    group = parser.add_argument_group("multi-process workloads")
+    group.add_argument("--share-size", type=_size, default=64 * MiB, help="default 64M")
+    group.add_argument(
+        "--share-processes",
+        type=_ints,
+        default=(1, 2, 4, 8),
+        metavar="N[,N...]",
+        help="processes attached to the one region (default 1,2,4,8)",
+    )
+    group.add_argument(
+        "--share-fault-around", type=int, default=16, help="service --fault-around (default 16)"
+    )
+    group.add_argument("--cores-size", type=_size, default=32 * MiB, help="default 32M")
+    group.add_argument(
+        "--cores-fault-around", type=int, default=1, help="service --fault-around (default 1)"
+    )
+    group.add_argument(
+        "--scale-mode", choices=MODES, default="shared-copy", help="default shared-copy"
+    )
+    group.add_argument("--scale-attachments", type=int, default=1000, help="default 1000")
+    group.add_argument(
+        "--scale-processes",
+        type=int,
+        default=50,
+        help="client processes sharing the attachments (default 50)",
+    )
+    group.add_argument("--scale-regions", type=int, default=10_000, help="default 10000")
+    group.add_argument(
+        "--scale-region-size",
+        type=_small_size,
+        default=64 * 1024,
+        help="size of each small region of scale and control (default 64K)",
+    )
+    group.add_argument(
+        "--scale-probe-size",
+        type=_size,
+        default=16 * MiB,
+        help="the probe attachment's region (default 16M: 4096 faults)",
+    )
+    group.add_argument(
+        "--control-calls", type=int, default=1000, help="calls per RPC kind (default 1000)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -174,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("replay", "working-set replay: time to completion on demand vs replayed"),
     ):
         _common(commands.add_parser(name, help=text, description=text))
+    for name, text in (
+        ("share", "1, 2, 4, 8 processes on one region: pages filled once, time to all-touched"),
+        ("cores", "fault throughput of two client processes on two regions vs one"),
+        ("scale", "1,000 attachments and 10,000 regions: memory, rates, probe fault p99"),
+        ("control", "CreateRegion/GetRegion/DeleteRegion round trips vs the health check"),
+    ):
+        sub = commands.add_parser(name, help=text, description=text)
+        _common(sub)
+        _multi(sub)
     show = commands.add_parser(
         "show",
         help="print the tables of a saved run (--output FILE) again",
@@ -205,6 +274,10 @@ def config_from(args: argparse.Namespace) -> Config:
             "rand": ("rand",),
             "seq": ("seq",),
             "replay": ("replay",),
+            "share": ("share",),
+            "cores": ("cores",),
+            "scale": ("scale",),
+            "control": ("control",),
         }.get(args.command, (args.workload,) if args.command == "profile" else ("rand", "seq")),
         modes=args.modes,
         rand_size=args.size or (1024 * MiB if full else 256 * MiB),
@@ -218,12 +291,33 @@ def config_from(args: argparse.Namespace) -> Config:
         repeat=max(args.repeat, 1),
         write=args.touch == "write",
         seed=args.seed,
-        reference_source=None if args.no_reference else args.reference,
+        # The multi-process workloads have no reference counterpart: not built for them.
+        reference_source=None
+        if args.no_reference or args.command in MULTI_WORKLOADS
+        else args.reference,
         touch_loop=args.touch_loop,
         source_dir=args.source_dir,
         pin=args.pin,
         run_timeout=args.timeout,
         service_args=list(args.service_args),
+        **{
+            name: getattr(args, name)
+            for name in (
+                "share_size",
+                "share_processes",
+                "share_fault_around",
+                "cores_size",
+                "cores_fault_around",
+                "scale_mode",
+                "scale_attachments",
+                "scale_processes",
+                "scale_regions",
+                "scale_region_size",
+                "scale_probe_size",
+                "control_calls",
+            )
+            if hasattr(args, name)
+        },
     )
 
 

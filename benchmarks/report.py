@@ -291,13 +291,15 @@ def summarise(records: list[Record], config: Any) -> dict[str, Any]:
                     "met": row["speedup"] >= TARGET_REPLAY,
                 }
             )
+    multi = summarise_multi(records)
     return {
         "rand": rand_rows,
         "seq": seq_rows,
         "replay": replay_rows,
         "baselines": baselines,
         "shared_modes": compare_shared_modes(records),
-        "targets": targets,
+        **{key: value for key, value in multi.items() if key != "targets"},
+        "targets": targets + multi["targets"],
     }
 
 
@@ -306,7 +308,11 @@ def compare_shared_modes(records: list[Record]) -> list[dict[str, Any]]:
     the measurement the default shared mode is chosen by."""
     rows = []
     keys = sorted(
-        {(r["workload"], r["fault_around"]) for r in records if r["subject"] == "shmfault"}
+        {
+            (r["workload"], r["fault_around"])
+            for r in records
+            if r["subject"] == "shmfault" and r["workload"] in ("rand", "seq", "replay")
+        }
     )
     for workload, fault_around in keys:
         copy = _select(records, workload=workload, subject="shmfault", mode="shared-copy",
@@ -354,6 +360,13 @@ def _us(ns: float | None) -> str:
 
 def _x(ratio: float | None) -> str:
     return "—" if ratio is None else f"{ratio:.2f}x"
+
+
+def _figure(value: float | None, unit: str | None) -> str:
+    """A target's figure: a ratio, or a value in ``unit``."""
+    if unit is None or value is None:
+        return _x(value)
+    return f"{value:,.1f} {unit}"
 
 
 def _n(value: float | None, digits: int = 0) -> str:
@@ -564,6 +577,7 @@ def format_tables(summary: dict[str, Any]) -> str:
                 rows,
             )
         )
+    parts.append(format_multi(summary))
     if summary["targets"]:
         parts.append("\nTargets:\n\n")
         parts.append(
@@ -572,8 +586,11 @@ def format_tables(summary: dict[str, Any]) -> str:
                 [
                     [
                         t["target"],
-                        _x(t["value"]),
-                        f"{_x(t['range'][0])} to {_x(t['range'][1])}" if t["range"] else "—",
+                        _figure(t["value"], t.get("unit")),
+                        f"{_figure(t['range'][0], t.get('unit'))} to "
+                        f"{_figure(t['range'][1], t.get('unit'))}"
+                        if t["range"]
+                        else "—",
                         "yes" if t["met"] else "no",
                     ]
                     for t in summary["targets"]
@@ -601,3 +618,427 @@ def write_text(document: dict[str, Any], stream: Any = None) -> None:
     out.write(f"Machine: {format_facts(document['machine'])}\n")
     for note in document["notes"]:
         out.write(f"Note: {note}\n")
+
+
+# --- the multi-process workloads (benchmarks/scaling.py) ---
+
+TARGET_SHARE_FILLS = 1.0  # every page of a shared region filled exactly once
+TARGET_SCALE_P99 = 2.0  # probe fault p99 with 1,000 idle attachments <= 2x alone
+TARGET_SCALE_KIB = 64.0  # service memory per idle attachment <= 64 KiB
+TARGET_CORES = 1.6  # two client processes on two regions >= 1.6x the faults/s of one
+
+
+def _kib(value: float | None) -> float | None:
+    return None if value is None else value / 1024
+
+
+def _range(values: Sequence[float | None]) -> list[float] | None:
+    present = [v for v in values if v is not None]
+    return [min(present), max(present)] if present else None
+
+
+def _med(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarise_multi(records: list[Record]) -> dict[str, Any]:
+    """Rows and targets of share, cores, scale and control, from the records alone."""
+    share_rows = []
+    targets: list[dict[str, Any]] = []
+    share = _select(records, workload="share")
+    for mode in sorted({r["mode"] for r in share if r["subject"] == "shmfault"}):
+        single = _select(share, subject="shmfault", mode=mode, processes=1)
+        for processes in sorted({r["processes"] for r in share}):
+            mine = _select(share, subject="shmfault", mode=mode, processes=processes)
+            kernel = _select(share, subject="kernel", processes=processes)
+            if not mine:
+                continue
+            row = {
+                "mode": mode,
+                "processes": processes,
+                "fault_around": mine[0]["fault_around"],
+                "pages": _median(mine, "pages"),
+                "faults": _median(mine, "faults"),
+                "pages_filled": _median(mine, "pages_filled"),
+                "fills_per_page": _median(mine, "fills_per_page"),
+                "fills_per_page_range": _range([r["fills_per_page"] for r in mine]),
+                "filled_once": all(r["filled_once"] for r in mine),
+                "elapsed_ms": _ms(_median(mine, "elapsed_ns")),
+                "kernel_ms": _ms(_median(kernel, "elapsed_ns")),
+                "vs_one": _paired_ratio(mine, single, "elapsed_ns"),
+                "vs_kernel": _paired_ratio(mine, kernel, "elapsed_ns"),
+                "cpu_ns_per_fault": _median(mine, "cpu_ns_per_fault"),
+                "user_ns_per_fault": _median(mine, "user_ns_per_fault"),
+                "sys_ns_per_fault": _median(mine, "sys_ns_per_fault"),
+                "verified": all(r["verified"] for r in mine + kernel),
+                "repetitions": len(mine),
+            }
+            share_rows.append(row)
+            targets.append(
+                {
+                    "target": f"share {mode} x{processes}: every page filled exactly once "
+                    "(fills per page == 1)",
+                    "value": row["fills_per_page"],
+                    "range": row["fills_per_page_range"],
+                    "met": row["filled_once"],
+                }
+            )
+    cores_rows = []
+    cores = _select(records, workload="cores")
+    kernel_one = _select(cores, subject="kernel", clients=1)
+    kernel_two = _select(cores, subject="kernel", clients=2)
+    for mode in [m for m in dict.fromkeys(r["mode"] for r in cores if r["subject"] == "shmfault")]:
+        one = _select(cores, subject="shmfault", mode=mode, clients=1)
+        two = _select(cores, subject="shmfault", mode=mode, clients=2)
+        if not one or not two:
+            continue
+        row = {
+            "mode": mode,
+            "fault_around": one[0]["fault_around"],
+            "one_faults_per_s": _median(one, "faults_per_s"),
+            "two_faults_per_s": _median(two, "faults_per_s"),
+            "two_vs_one": _paired_ratio(two, one, "faults_per_s"),
+            "two_vs_one_range": _paired_range(two, one, "faults_per_s"),
+            "one_p50_ns": _median(one, "p50_ns"),
+            "two_p50_ns": _median(two, "p50_ns"),
+            "one_cpu_ns_per_fault": _median(one, "cpu_ns_per_fault"),
+            "two_cpu_ns_per_fault": _median(two, "cpu_ns_per_fault"),
+            "kernel_two_vs_one": _paired_ratio(kernel_two, kernel_one, "faults_per_s"),
+            "verified": all(r["verified"] for r in one + two + kernel_one + kernel_two),
+            "repetitions": len(two),
+        }
+        cores_rows.append(row)
+        if row["two_vs_one"] is not None:
+            targets.append(
+                {
+                    "target": f"cores {mode} fa={row['fault_around']}: two clients on two "
+                    f"regions >= {TARGET_CORES}x the faults/s of one",
+                    "value": row["two_vs_one"],
+                    "range": row["two_vs_one_range"],
+                    "met": row["two_vs_one"] >= TARGET_CORES,
+                }
+            )
+    scale_rows = _select(records, workload="scale", subject="attachments")
+    region_rows = _select(records, workload="scale", subject="regions")
+    scale: dict[str, Any] = {}
+    if scale_rows:
+        ratios = [r["p99_loaded_vs_alone"] for r in scale_rows]
+        per_attachment = [_kib(r["rss_per_attachment"]) for r in scale_rows]
+        scale = {
+            "mode": scale_rows[0]["mode"],
+            "attachments": _median(scale_rows, "attachments"),
+            "processes": _median(scale_rows, "processes"),
+            "region_size": scale_rows[0]["region_size"],
+            "create_per_s": _median(scale_rows, "create_per_s"),
+            "attach_fault_per_s": _median(scale_rows, "attach_fault_per_s"),
+            "create_attach_fault_per_s": _median(scale_rows, "create_attach_fault_per_s"),
+            "attach_p50_ns": _median(scale_rows, "attach_p50_ns"),
+            "attach_p99_ns": _median(scale_rows, "attach_p99_ns"),
+            "delete_per_s": _median(scale_rows, "delete_per_s"),
+            "rss_per_region_kib": _kib(_median(scale_rows, "rss_per_region")),
+            "rss_per_attachment_kib": _med(per_attachment),
+            "anon_per_attachment_kib": _kib(_median(scale_rows, "anon_per_attachment")),
+            "fds_per_attachment": _median(scale_rows, "fds_per_attachment"),
+            "threads_added": _median(scale_rows, "threads_added"),
+            "rss_kept_per_attachment_kib": _kib(_median(scale_rows, "rss_kept_per_attachment")),
+            "fds_kept_after_detach": _median(scale_rows, "fds_kept_after_detach"),
+            "rss_kept_per_region_kib": _kib(_median(scale_rows, "rss_kept_per_region")),
+            "p99_alone_ns": _median(scale_rows, "probe_p99_alone_ns"),
+            "p99_loaded_ns": _median(scale_rows, "probe_p99_loaded_ns"),
+            "p99_after_ns": _median(scale_rows, "probe_p99_after_ns"),
+            "p50_alone_ns": _median(scale_rows, "probe_p50_alone_ns"),
+            "p50_loaded_ns": _median(scale_rows, "probe_p50_loaded_ns"),
+            "p99_loaded_vs_alone": _med(ratios),
+            "p99_loaded_vs_after": _median(scale_rows, "p99_loaded_vs_after"),
+            "p50_loaded_vs_alone": _median(scale_rows, "p50_loaded_vs_alone"),
+            "verified": all(r["verified"] for r in scale_rows),
+            "repetitions": len(scale_rows),
+        }
+        if scale["p99_loaded_vs_alone"] is not None:
+            targets.append(
+                {
+                    "target": f"scale: fault p99 with {scale['attachments']:,.0f} idle "
+                    f"attachments <= {TARGET_SCALE_P99}x the single attachment's",
+                    "value": scale["p99_loaded_vs_alone"],
+                    "range": _range(ratios),
+                    "met": scale["p99_loaded_vs_alone"] <= TARGET_SCALE_P99,
+                }
+            )
+        if scale["rss_per_attachment_kib"] is not None:
+            targets.append(
+                {
+                    "target": f"scale: service memory (RSS) per idle attachment <= "
+                    f"{TARGET_SCALE_KIB:.0f} KiB",
+                    "value": scale["rss_per_attachment_kib"],
+                    "range": _range(per_attachment),
+                    "unit": "KiB",
+                    "met": scale["rss_per_attachment_kib"] <= TARGET_SCALE_KIB,
+                }
+            )
+    regions: dict[str, Any] = {}
+    if region_rows:
+        regions = {
+            "regions": _median(region_rows, "regions"),
+            "region_size": region_rows[0]["region_size"],
+            "create_per_s": _median(region_rows, "create_per_s"),
+            "create_first_per_s": _median(region_rows, "create_first_per_s"),
+            "create_last_per_s": _median(region_rows, "create_last_per_s"),
+            "last_vs_first": _median(region_rows, "last_vs_first"),
+            "create_p50_ns": _median(region_rows, "create_p50_ns"),
+            "create_p99_ns": _median(region_rows, "create_p99_ns"),
+            "delete_per_s": _median(region_rows, "delete_per_s"),
+            "rss_per_region_kib": _kib(_median(region_rows, "rss_per_region")),
+            "anon_per_region_kib": _kib(_median(region_rows, "anon_per_region")),
+            "fds_per_region": _median(region_rows, "fds_per_region"),
+            "rss_kept_per_region_kib": _kib(_median(region_rows, "rss_kept_per_region")),
+            "sample_checked": _median(region_rows, "sample_checked"),
+            "fd_limit_inherited": _median(region_rows, "fd_limit_inherited"),
+            "fd_limit": _median(region_rows, "fd_limit"),
+            "source": region_rows[0].get("source", "file"),
+            "verified": all(r["verified"] for r in region_rows),
+            "repetitions": len(region_rows),
+        }
+    control_rows = []
+    control = _select(records, workload="control")
+    health = _select(control, subject="health")
+    for name in dict.fromkeys(r["subject"] for r in control):
+        mine = _select(control, subject=name)
+        control_rows.append(
+            {
+                "call": name,
+                "calls": _median(mine, "calls"),
+                "per_s": _median(mine, "per_s"),
+                "p50_ns": _median(mine, "p50_ns"),
+                "p99_ns": _median(mine, "p99_ns"),
+                "vs_health": _paired_ratio(mine, health, "per_s"),
+                "vs_health_range": _paired_range(mine, health, "per_s"),
+                "verified": all(r["verified"] for r in mine),
+                "repetitions": len(mine),
+            }
+        )
+    return {
+        "share": share_rows,
+        "cores": cores_rows,
+        "scale": scale,
+        "regions": regions,
+        "control": control_rows,
+        "targets": targets,
+    }
+
+
+def format_multi(summary: dict[str, Any]) -> str:
+    parts = []
+    if summary.get("share"):
+        parts.append(
+            "\nSharing (N processes attached to one region, each touching every page in its "
+            "own random order; time from the first process's start to the last one's end; "
+            "fills: the service's pages_filled summed over the region's attachments; ratios "
+            "paired by repetition, < 1 is faster):\n\n"
+        )
+        parts.append(
+            _table(
+                [
+                    "mode",
+                    "fa",
+                    "processes",
+                    "pages",
+                    "faults",
+                    "pages filled",
+                    "fills per page",
+                    "all touched ms",
+                    "/ 1 process",
+                    "kernel ms",
+                    "/ kernel",
+                    "svc CPU us/fault (user + sys)",
+                    "bytes ok",
+                ],
+                [
+                    [
+                        row["mode"],
+                        str(row["fault_around"]),
+                        str(row["processes"]),
+                        _n(row["pages"]),
+                        _n(row["faults"]),
+                        _n(row["pages_filled"]),
+                        f"{row['fills_per_page']:.2f}",
+                        _n(row["elapsed_ms"], 1),
+                        _x(row["vs_one"]),
+                        _n(row["kernel_ms"], 1),
+                        _x(row["vs_kernel"]),
+                        _cpu(row),
+                        _ok(row["verified"]),
+                    ]
+                    for row in summary["share"]
+                ],
+            )
+        )
+    if summary.get("cores"):
+        parts.append(
+            "\nCores (one client process faulting on its region, then two on two regions at "
+            "once; faults/s over the span from the first start to the last end; 'kernel 2 / 1':"
+            " the same for first touches of the page-cached source, what the machine itself "
+            "gives a second process):\n\n"
+        )
+        parts.append(
+            _table(
+                [
+                    "mode",
+                    "fa",
+                    "1 client faults/s",
+                    "2 clients faults/s",
+                    "2 / 1",
+                    "range",
+                    "p50 us (1, 2)",
+                    "svc CPU us/fault (1, 2)",
+                    "kernel 2 / 1",
+                    "bytes ok",
+                ],
+                [
+                    [
+                        row["mode"],
+                        str(row["fault_around"]),
+                        _n(row["one_faults_per_s"]),
+                        _n(row["two_faults_per_s"]),
+                        _x(row["two_vs_one"]),
+                        f"{_x(row['two_vs_one_range'][0])} to {_x(row['two_vs_one_range'][1])}"
+                        if row["two_vs_one_range"]
+                        else "—",
+                        f"{_us(row['one_p50_ns'])}, {_us(row['two_p50_ns'])}",
+                        f"{_us(row['one_cpu_ns_per_fault'])}, {_us(row['two_cpu_ns_per_fault'])}",
+                        _x(row["kernel_two_vs_one"]),
+                        _ok(row["verified"]),
+                    ]
+                    for row in summary["cores"]
+                ],
+            )
+        )
+    scale = summary.get("scale")
+    if scale:
+        parts.append(
+            f"\nScale: {scale['attachments']:,.0f} attachments ({scale['mode']}, regions of "
+            f"{scale['region_size'] // 1024} KiB, {scale['processes']:,.0f} client processes, "
+            "one fault each; service --fault-around 1). Memory is the service's "
+            "/proc/PID/status; the probe is one attachment in the benchmark process faulting "
+            "on every page of a fresh region, alone before, with the attachments held idle, "
+            "and alone after they detached:\n\n"
+        )
+        kib = "KiB"
+        rows = [
+            ["CreateRegion (small regions)", f"{_n(scale['create_per_s'])} /s"],
+            [
+                "attach + first fault, all processes at once",
+                f"{_n(scale['attach_fault_per_s'])} /s (one attach: p50 "
+                f"{_us(scale['attach_p50_ns'])} us, p99 {_us(scale['attach_p99_ns'])} us)",
+            ],
+            ["CreateRegion + attach + first fault", f"{_n(scale['create_attach_fault_per_s'])} /s"],
+            ["DeleteRegion", f"{_n(scale['delete_per_s'])} /s"],
+            ["service RSS per region", f"{_n(scale['rss_per_region_kib'], 1)} {kib}"],
+            [
+                "service RSS per idle attachment (anonymous)",
+                f"{_n(scale['rss_per_attachment_kib'], 1)} {kib} "
+                f"({_n(scale['anon_per_attachment_kib'], 1)} {kib})",
+            ],
+            [
+                "service fds per attachment, threads added",
+                f"{_n(scale['fds_per_attachment'], 2)}, {_n(scale['threads_added'])}",
+            ],
+            [
+                "kept after every attachment detached: RSS per attachment, fds",
+                f"{_n(scale['rss_kept_per_attachment_kib'], 1)} {kib}, "
+                f"{_n(scale['fds_kept_after_detach'])}",
+            ],
+            [
+                "kept after the regions were deleted too: RSS per region",
+                f"{_n(scale['rss_kept_per_region_kib'], 1)} {kib}",
+            ],
+            [
+                "probe fault p99: alone, with the attachments, alone after",
+                f"{_us(scale['p99_alone_ns'])}, {_us(scale['p99_loaded_ns'])}, "
+                f"{_us(scale['p99_after_ns'])} us",
+            ],
+            [
+                "probe fault p99 with / alone (with / alone after)",
+                f"{_x(scale['p99_loaded_vs_alone'])} ({_x(scale['p99_loaded_vs_after'])})",
+            ],
+            [
+                "probe fault p50: alone, with (ratio)",
+                f"{_us(scale['p50_alone_ns'])}, {_us(scale['p50_loaded_ns'])} us "
+                f"({_x(scale['p50_loaded_vs_alone'])})",
+            ],
+            ["bytes ok", _ok(scale["verified"])],
+        ]
+        parts.append(_table(["figure", "median"], rows))
+    regions = summary.get("regions")
+    if regions:
+        parts.append(
+            f"\nScale: {regions['regions']:,.0f} regions of {regions['region_size'] // 1024} KiB "
+            + (
+                "(file source, lazy)"
+                if regions["source"] == "file"
+                else "(no source: the fd limit does not allow a source file per region; a "
+                "sample is written after the timing)"
+            )
+            + ", created one after another in a fresh service, a sample read back and checked, "
+            "then deleted:\n\n"
+        )
+        kib = "KiB"
+        rows = [
+            [
+                "CreateRegion",
+                f"{_n(regions['create_per_s'])} /s (p50 {_us(regions['create_p50_ns'])} us, p99 "
+                f"{_us(regions['create_p99_ns'])} us)",
+            ],
+            [
+                "CreateRegion, first tenth vs last tenth",
+                f"{_n(regions['create_first_per_s'])} vs {_n(regions['create_last_per_s'])} /s "
+                f"(last / first {_x(regions['last_vs_first'])})",
+            ],
+            ["DeleteRegion", f"{_n(regions['delete_per_s'])} /s"],
+            [
+                "service RSS per region (anonymous)",
+                f"{_n(regions['rss_per_region_kib'], 1)} {kib} "
+                f"({_n(regions['anon_per_region_kib'], 1)} {kib})",
+            ],
+            ["service fds per region", _n(regions["fds_per_region"], 2)],
+            [
+                "service fd hard limit: inherited, given (2 per file-source region + 512)",
+                f"{_n(regions['fd_limit_inherited'])}, {_n(regions['fd_limit'])}",
+            ],
+            [
+                "kept after all were deleted: RSS per region",
+                f"{_n(regions['rss_kept_per_region_kib'], 1)} {kib}",
+            ],
+            [
+                "bytes ok (regions read back and compared)",
+                f"{_ok(regions['verified'])} ({_n(regions['sample_checked'])} regions)",
+            ],
+        ]
+        parts.append(_table(["figure", "median"], rows))
+    if summary.get("control"):
+        parts.append(
+            "\nControl plane (one client, one call at a time over the unix socket; ratios are "
+            "calls/s over the gRPC health check's in the same service, paired by repetition; "
+            "'health-after' is the health check again at the end, a drift check):\n\n"
+        )
+        parts.append(
+            _table(
+                ["call", "calls", "calls/s", "p50 us", "p99 us", "/ health check", "range", "ok"],
+                [
+                    [
+                        row["call"],
+                        _n(row["calls"]),
+                        _n(row["per_s"]),
+                        _us(row["p50_ns"]),
+                        _us(row["p99_ns"]),
+                        _x(row["vs_health"]),
+                        f"{_x(row['vs_health_range'][0])} to {_x(row['vs_health_range'][1])}"
+                        if row["vs_health_range"]
+                        else "—",
+                        _ok(row["verified"]),
+                    ]
+                    for row in summary["control"]
+                ],
+            )
+        )
+    return "".join(parts)

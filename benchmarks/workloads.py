@@ -44,6 +44,9 @@ from shmfault import Client, Source
 
 Record = dict[str, Any]
 MODES = ("shared-copy", "shared-continue", "private-copy")
+#: The workloads of benchmarks/scaling.py.
+MULTI_WORKLOADS = ("share", "cores", "scale", "control")
+KiB = 1 << 10
 MiB = 1 << 20
 
 
@@ -70,6 +73,19 @@ class Config:
     pin: int | None = None
     run_timeout: float = 300.0
     service_args: list[str] = field(default_factory=list)
+    # The multi-process workloads (benchmarks/scaling.py).
+    share_size: int = 64 * MiB
+    share_processes: tuple[int, ...] = (1, 2, 4, 8)
+    share_fault_around: int = 16
+    cores_size: int = 32 * MiB
+    cores_fault_around: int = 1
+    scale_mode: str = "shared-copy"
+    scale_attachments: int = 1000
+    scale_processes: int = 50
+    scale_regions: int = 10_000
+    scale_region_size: int = 64 * KiB
+    scale_probe_size: int = 16 * MiB
+    control_calls: int = 1000
 
     @property
     def phases(self) -> list[int]:
@@ -130,6 +146,7 @@ class Workspace:
         self.source_path = Path()
         self.source_map: mmap.mmap | None = None
         self.source_address = 0
+        self.source_size = 0
         self.page_size = mmap.PAGESIZE
         self.toucher: native.Toucher = native.PythonTouch()
         self.reference: Reference | None = None
@@ -179,7 +196,13 @@ class Workspace:
             config.rand_size if "rand" in config.workloads else 0,
             config.seq_size if "seq" in config.workloads else 0,
             config.replay_size if "replay" in config.workloads else 0,
+            config.share_size if "share" in config.workloads else 0,
+            2 * config.cores_size if "cores" in config.workloads else 0,
+            # scale's small regions take consecutive slices of it, wrapping around
+            max(config.scale_probe_size, 64 * MiB) if "scale" in config.workloads else 0,
+            64 * MiB if "control" in config.workloads else 0,
         )
+        self.source_size = size
         source_dir = config.source_dir or _default_source_dir(self.directory)
         self.source_path = source_dir / f"sfbench-{os.getpid()}-source.bin"
         self.say(f"writing a {size >> 20} MiB source file at {self.source_path}")
@@ -624,12 +647,20 @@ def run_all(config: Config, say: Callable[[str], None]) -> tuple[list[Record], l
                                 ws, service, client, mode, rep, ws.trace_pages(rep)
                             ):
                                 keep(record)
+            if any(w in MULTI_WORKLOADS for w in config.workloads):
+                from benchmarks import scaling  # it imports this module
+
+                scaling.run_repetition(ws, rep, keep, say)
         notes = list(ws.notes)
     return records, notes
 
 
 def describe(record: Record) -> str:
     """One progress line for a record."""
+    if record["workload"] in MULTI_WORKLOADS:
+        from benchmarks import scaling
+
+        return scaling.describe(record)
     head = f"  {record['workload']:4} {record['subject']:9} {record['mode']:17}"
     if record.get("fault_around"):
         head += f" fa={record['fault_around']:<3}"
