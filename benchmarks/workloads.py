@@ -401,11 +401,11 @@ def shmfault_replay(
     records: list[Record] = []
     recording_id = ""
     for variant in ("record", "ondemand", "replay"):
-        attach: dict[str, Any] = {
-            "record": {"record": True},
-            "ondemand": {},
-            "replay": {"replay": recording_id},
-        }[variant]
+        attach: dict[str, Any] = {}
+        if variant == "record":
+            attach["record"] = True
+        elif variant == "replay":
+            attach["replay"] = recording_id
         with _region(ws, client, config.replay_size, mode, **attach) as (region, attachment):
             with watchdog(service, config.run_timeout, f"replay {variant} {mode}"):
                 before = service.cpu_ns()

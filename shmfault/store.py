@@ -544,6 +544,13 @@ class RegionStore:
                 f"the service may not read source file {path}", "source.file.path"
             ) from exc
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # The service's own limit, not the caller's mistake.
+                raise QuotaExceededError(
+                    f"the service has no file descriptor left to open {path} "
+                    f"({exc.strerror}): raise its fd limit or lower max_regions",
+                    "source.file.path",
+                ) from exc
             raise InvalidArgumentError(
                 f"source file {path} cannot be opened: {exc.strerror}", "source.file.path"
             ) from exc
