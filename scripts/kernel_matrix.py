@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import os
 import re
@@ -51,6 +52,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +232,28 @@ class Cache:
     @property
     def venv(self) -> Path:
         return self.root / "virtme-ng"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the cache alone while installing into it: runs started together (two test
+        suites on one machine) must not build the virtualenv or unpack a kernel at once."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as handle:
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.time() >= BUDGET.deadline:
+                        raise BudgetError(
+                            f"the time budget ran out waiting for another run's installs "
+                            f"into {self.root}"
+                        ) from None
+                    time.sleep(0.5)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     @property
     def kernels(self) -> Path:
@@ -696,18 +720,19 @@ def run_kernel(
             if status is None:
                 result.status, result.reason = "budget", "the time budget ran out"
         else:
-            apt.ensure(cache, APT_PACKAGES)
-            if shutil.which("qemu-system-x86_64") is None:
-                raise SetupError(
-                    "no qemu-system-x86_64 on PATH, though qemu-system-x86 is installed",
-                    missing="qemu",
+            with cache.locked():
+                apt.ensure(cache, APT_PACKAGES)
+                if shutil.which("qemu-system-x86_64") is None:
+                    raise SetupError(
+                        "no qemu-system-x86_64 on PATH, though qemu-system-x86 is installed",
+                        missing="qemu",
+                    )
+                vng = ensure_virtme(cache, apt.allow_install)
+                image = (
+                    ensure_debian_kernel(spec, cache, apt)
+                    if spec.kind == "debian"
+                    else image_kernel(spec)
                 )
-            vng = ensure_virtme(cache, apt.allow_install)
-            image = (
-                ensure_debian_kernel(spec, cache, apt)
-                if spec.kind == "debian"
-                else image_kernel(spec)
-            )
             result.release, result.package, result.version = (
                 image.release,
                 image.package,
@@ -1118,12 +1143,13 @@ def _report(results: list[KernelResult], args: argparse.Namespace) -> int:
 def command_install(args: argparse.Namespace) -> int:
     cache = Cache(args.cache)
     apt = Apt(allow_install=True)
-    apt.ensure(cache, APT_PACKAGES)
-    ensure_virtme(cache, True)
-    for spec in resolve_kernels(args.kernel or list(DEFAULT_KERNELS)):
-        if spec.kind == "debian":
-            image = ensure_debian_kernel(spec, cache, apt)
-            log(f"{spec.name}: {image.vmlinuz}")
+    with cache.locked():
+        apt.ensure(cache, APT_PACKAGES)
+        ensure_virtme(cache, True)
+        for spec in resolve_kernels(args.kernel or list(DEFAULT_KERNELS)):
+            if spec.kind == "debian":
+                image = ensure_debian_kernel(spec, cache, apt)
+                log(f"{spec.name}: {image.vmlinuz}")
     usable, why = kvm_usable()
     log("KVM works here" if usable else f"no KVM, the VMs will be emulated: {why}")
     return 0
