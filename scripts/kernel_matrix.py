@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import os
 import re
@@ -51,6 +52,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +75,10 @@ MIN_VM_SECONDS = 90
 INI_TIMEOUT = 120
 #: Every test timeout is multiplied by this in an emulated VM: Python runs there 25 to 60 times
 #: slower than on the host, and a test whose service takes 15 s to start would otherwise end by
-#: its timeout rather than its result. (A test that really hangs costs that much longer.)
-EMULATED_TIMEOUT_SCALE = 3.0
+#: its timeout rather than its result: with 3, a 30 s test that runs the CLI twice still ran out
+#: (each `shmfault` process imports grpc for 15 s or more there). A test that really hangs costs
+#: that much longer.
+EMULATED_TIMEOUT_SCALE = 5.0
 #: Kept free at the end of a VM's budget for pytest to stop and the VM to power off.
 SHUTDOWN_SLACK = 20
 
@@ -101,7 +105,31 @@ FEATURES = {
 
 
 class SetupError(Exception):
-    """A tool or a kernel cannot be had; the message says what to do."""
+    """A tool or a kernel cannot be had; the message says what to do. ``missing`` is set when
+    the cause is something this machine lacks (root, apt, qemu, a way to the package registries,
+    Debian 12's kernel package): a run that cannot work here, not a run that broke."""
+
+    def __init__(self, message: str, missing: str = "") -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+class BudgetError(SetupError):
+    """The time budget ran out while installing."""
+
+
+#: What apt and pip say when the package registries cannot be reached.
+NETWORK_ERRORS = re.compile(
+    r"Temporary failure (in name )?resolution|Temporary failure resolving|Could not resolve"
+    r"|Failed to fetch|Unable to connect|Could not connect|Connection (timed out|refused)"
+    r"|Network is unreachable|NewConnectionError|Failed to establish a new connection"
+    r"|Max retries exceeded|ProxyError|ConnectTimeout",
+    re.I,
+)
+#: What apt says when it has no such package (a distribution without it).
+NO_PACKAGE = re.compile(
+    r"Unable to locate package (\S+)|Package '?(\S+?)'? has no installation candidate"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,16 +159,50 @@ def log(message: str) -> None:
     print(f"kernel-matrix: {message}", file=sys.stderr, flush=True)
 
 
+@dataclasses.dataclass
+class Budget:
+    """When the whole run must be over (seconds since the epoch): installs are bounded by it."""
+
+    deadline: float = float("inf")
+
+
+BUDGET = Budget()
+
+
 def run(
     command: list[str], *, check: bool = True, quiet: bool = False, **options: Any
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command; its output is captured (and shown on failure)."""
+    """Run a command, within what is left of the time budget; its output is captured (and shown
+    on failure). A failure that says the registries cannot be reached, or that apt has no such
+    package, is a SetupError naming what is missing."""
     if not quiet:
         log("$ " + shlex.join(command))
-    done = subprocess.run(command, capture_output=True, text=True, check=False, **options)
+    left = BUDGET.deadline - time.time()
+    if left <= 0:
+        raise BudgetError(f"the time budget ran out before `{shlex.join(command)}`")
+    try:
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=None if left == float("inf") else left,
+            **options,
+        )
+    except subprocess.TimeoutExpired:
+        raise BudgetError(
+            f"the time budget ran out during `{shlex.join(command)}` (stopped)"
+        ) from None
     if check and done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-        raise SetupError(f"`{shlex.join(command)}` failed with status {done.returncode}:\n{tail}")
+        output = done.stdout + done.stderr
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        message = f"`{shlex.join(command)}` failed with status {done.returncode}:\n{tail}"
+        missing = ""
+        if NETWORK_ERRORS.search(output):
+            missing = "a way to the package registries (no network?)"
+        elif match := NO_PACKAGE.search(output):
+            missing = f"the package {match.group(1) or match.group(2)} in apt's lists"
+        raise SetupError(message, missing)
     return done
 
 
@@ -173,6 +235,28 @@ class Cache:
     def venv(self) -> Path:
         return self.root / "virtme-ng"
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the cache alone while installing into it: runs started together (two test
+        suites on one machine) must not build the virtualenv or unpack a kernel at once."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as handle:
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.time() >= BUDGET.deadline:
+                        raise BudgetError(
+                            f"the time budget ran out waiting for another run's installs "
+                            f"into {self.root}"
+                        ) from None
+                    time.sleep(0.5)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     @property
     def kernels(self) -> Path:
         return self.root / "kernels"
@@ -198,14 +282,18 @@ class Apt:
         if not shutil.which("apt-get") or not shutil.which("dpkg-query"):
             raise SetupError(
                 f"{what} needs apt-get and dpkg (a Debian or Ubuntu machine); elsewhere install "
-                f"{', '.join(APT_PACKAGES)} and a kernel image by hand and pass it as --kernel PATH"
+                f"{', '.join(APT_PACKAGES)} and a kernel image by hand, and pass it as "
+                "--kernel PATH",
+                missing="apt",
             )
 
     def update(self) -> None:
         if self.updated:
             return
         if os.geteuid() != 0:
-            raise SetupError("refreshing apt's package lists needs root (apt-get update)")
+            raise SetupError(
+                "refreshing apt's package lists needs root (apt-get update)", missing="root"
+            )
         run(
             ["apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-qq"],
             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
@@ -221,7 +309,9 @@ class Apt:
         if not self.allow_install:
             raise SetupError(f"missing Debian packages (--no-install): {hint}")
         if os.geteuid() != 0:
-            raise SetupError(f"missing Debian packages, and installing them needs root: {hint}")
+            raise SetupError(
+                f"missing Debian packages, and installing them needs root: {hint}", missing="root"
+            )
         before = dpkg_installed()
         self.update()
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -263,7 +353,8 @@ class Apt:
                 self.update()
         raise SetupError(
             f"apt knows no {spec.package} here: {spec.name} needs Debian 12's package lists "
-            "(bookworm in /etc/apt/sources.list.d)"
+            "(bookworm in /etc/apt/sources.list.d)",
+            missing=f"Debian 12's {spec.package} in apt's lists",
         )
 
 
@@ -297,8 +388,14 @@ def ensure_debian_kernel(spec: KernelSpec, cache: Cache, apt: Apt) -> Image:
     Package lists so old that the mirror no longer has their version are refreshed once."""
     try:
         return _unpack_debian_kernel(spec, cache, apt)
-    except SetupError:
-        if apt.updated or not apt.allow_install or os.geteuid() != 0:
+    except SetupError as exc:
+        if (
+            isinstance(exc, BudgetError)
+            or exc.missing
+            or apt.updated
+            or not apt.allow_install
+            or os.geteuid() != 0
+        ):
             raise
         log("retrying with fresh package lists")
         apt.update()
@@ -311,7 +408,8 @@ def _unpack_debian_kernel(spec: KernelSpec, cache: Cache, apt: Apt) -> Image:
     if not release.startswith(spec.release_prefix):
         raise SetupError(
             f"{spec.package} is {package} {version} on this machine, not the "
-            f"{spec.release_prefix}x that {spec.name} stands for (needs Debian 12's package lists)"
+            f"{spec.release_prefix}x that {spec.name} stands for (needs Debian 12's package lists)",
+            missing=f"Debian 12's {spec.package} in apt's lists",
         )
     target = cache.kernels / f"{package}_{version}"
     vmlinuz = target / "boot" / f"vmlinuz-{release}"
@@ -410,6 +508,7 @@ class KernelResult:
     description: str
     status: str = "not run"  # ok, failed (a test failed), setup-failed, boot-failed, budget
     reason: str = ""
+    missing: str = ""  # setup-failed because this machine lacks it (SetupError.missing)
     release: str = ""
     package: str = ""
     version: str = ""
@@ -499,16 +598,24 @@ def _run_bounded(command: list[str], logfile: Path, timeout: float, **options: A
         try:
             return process.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
-            # The session's processes, and any descendant that left it (qemu under a helper
-            # that made its own process group): only what this run started.
-            doomed = _descendants(process.pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            for pid in doomed:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            process.wait()
+            _kill_session(process)
             return None
+        except BaseException:
+            # Interrupted (SIGINT, or the SIGTERM of whoever bounds this run): no VM outlives it.
+            _kill_session(process)
+            raise
+
+
+def _kill_session(process: subprocess.Popen[bytes]) -> None:
+    """Kill the session ``process`` leads, and any descendant that left it (qemu under a helper
+    that made its own process group): only what this run started."""
+    doomed = _descendants(process.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
 
 
 def _descendants(root: int) -> list[int]:
@@ -615,13 +722,19 @@ def run_kernel(
             if status is None:
                 result.status, result.reason = "budget", "the time budget ran out"
         else:
-            apt.ensure(cache, APT_PACKAGES)
-            vng = ensure_virtme(cache, apt.allow_install)
-            image = (
-                ensure_debian_kernel(spec, cache, apt)
-                if spec.kind == "debian"
-                else image_kernel(spec)
-            )
+            with cache.locked():
+                apt.ensure(cache, APT_PACKAGES)
+                if shutil.which("qemu-system-x86_64") is None:
+                    raise SetupError(
+                        "no qemu-system-x86_64 on PATH, though qemu-system-x86 is installed",
+                        missing="qemu",
+                    )
+                vng = ensure_virtme(cache, apt.allow_install)
+                image = (
+                    ensure_debian_kernel(spec, cache, apt)
+                    if spec.kind == "debian"
+                    else image_kernel(spec)
+                )
             result.release, result.package, result.version = (
                 image.release,
                 image.package,
@@ -671,7 +784,8 @@ def run_kernel(
                 result.status = "boot-failed"
                 result.reason = f"vng ended with status {status}: " + " | ".join(console[-8:])
     except SetupError as exc:
-        result.status, result.reason = "setup-failed", str(exc)
+        result.status = "budget" if isinstance(exc, BudgetError) else "setup-failed"
+        result.reason, result.missing = str(exc), exc.missing
         return result
     finally:
         result.timings["total"] = round(time.time() - started, 1)
@@ -931,6 +1045,7 @@ def command_run(args: argparse.Namespace) -> int:
         return _report(list(merged.values()), args)
     started = time.time()
     deadline = started + args.budget if args.budget else float("inf")
+    BUDGET.deadline = deadline
     cache = Cache(args.cache)
     apt = Apt(allow_install=not args.no_install)
     specs = resolve_kernels(args.kernel or list(DEFAULT_KERNELS))
@@ -1030,12 +1145,13 @@ def _report(results: list[KernelResult], args: argparse.Namespace) -> int:
 def command_install(args: argparse.Namespace) -> int:
     cache = Cache(args.cache)
     apt = Apt(allow_install=True)
-    apt.ensure(cache, APT_PACKAGES)
-    ensure_virtme(cache, True)
-    for spec in resolve_kernels(args.kernel or list(DEFAULT_KERNELS)):
-        if spec.kind == "debian":
-            image = ensure_debian_kernel(spec, cache, apt)
-            log(f"{spec.name}: {image.vmlinuz}")
+    with cache.locked():
+        apt.ensure(cache, APT_PACKAGES)
+        ensure_virtme(cache, True)
+        for spec in resolve_kernels(args.kernel or list(DEFAULT_KERNELS)):
+            if spec.kind == "debian":
+                image = ensure_debian_kernel(spec, cache, apt)
+                log(f"{spec.name}: {image.vmlinuz}")
     usable, why = kvm_usable()
     log("KVM works here" if usable else f"no KVM, the VMs will be emulated: {why}")
     return 0
@@ -1167,8 +1283,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Whoever bounds this run stops it with SIGTERM: it unwinds like ^C, so the VM is killed
+    # and this run's temporary directory removed on the way out.
+    signal.signal(signal.SIGTERM, _interrupted)
     handlers = {
         "run": command_run,
         "install": command_install,
@@ -1181,6 +1304,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"error: {exc}")
         return 2
     except KeyboardInterrupt:
+        log("interrupted: the VM is stopped and this run's files removed")
         return 130
 
 

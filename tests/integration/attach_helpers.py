@@ -32,7 +32,7 @@ import pytest
 from shmfault import _libc, _unix, protocol
 from shmfault._abi import Feature
 from shmfault.client import Client
-from shmfault.modes import Mode, UffdAccess
+from shmfault.modes import Mode, UffdAccess, kernel_support, requirements
 from shmfault.store import Region, Source, SourceKind
 from shmfault.uffd import Uffd
 
@@ -46,6 +46,24 @@ BACKINGS = ("memfd", "posix-shm")
 #: How long a wait for the service to catch up may take before the test says what it saw.
 #: Not an assertion about speed: the condition either comes true or is a bug.
 SETTLE_SECONDS = 10.0
+
+
+def need_modes(client: Client, *modes: str, hugetlb: bool = False) -> None:
+    """Skip a test that forces ``modes`` where this kernel cannot give one of them, with the
+    reason of the service's probe (and, for hugetlb regions, the features UFFDIO_API lacks)."""
+    support = kernel_support(client.capabilities())
+    offered: Feature | None = None
+    for name in dict.fromkeys(modes):
+        mode = Mode.from_name(name)
+        if support[mode]:
+            pytest.skip(f"the probe says {name} cannot work on this kernel: {support[mode]}")
+        if hugetlb:
+            if offered is None:
+                with Uffd.open() as handle:
+                    offered = handle.available_features
+            lacking = requirements(mode, hugetlb=True).features & ~offered
+            if lacking:
+                pytest.skip(f"{name} on hugetlb regions needs {lacking!r}, which the kernel lacks")
 
 
 def random_file(directory: Path, size: int, name: str = "source.bin") -> tuple[Path, bytes]:

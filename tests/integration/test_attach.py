@@ -49,6 +49,7 @@ from tests.integration.attach_helpers import (
     fd_count,
     handoff_pool,
     make_region,
+    need_modes,
     random_file,
     settle,
     shuffled,
@@ -93,6 +94,7 @@ def page_of(data: bytes | memoryview, page: int) -> bytes:
 def test_every_mode_reads_the_source_byte_for_byte(
     client: Client, tmp_path: Path, source: str, backing: str
 ) -> None:
+    need_modes(client, *MODES)
     pages = 64
     for mode in MODES:
         for order in ("random", "sequential"):
@@ -149,6 +151,7 @@ def test_default_mode_is_the_head_of_the_services_chain(client: Client, tmp_path
 def test_a_write_to_an_unfilled_page_keeps_the_rest_of_the_page(
     client: Client, tmp_path: Path, mode: str
 ) -> None:
+    need_modes(client, mode)
     # A write fault on a missing page: the page is filled from the source first, then written.
     region, expected = make_region(client, tmp_path, "file", 32 * PAGE)
     with client.attach(region, mode=mode) as attachment:
@@ -165,6 +168,7 @@ def test_a_write_to_an_unfilled_page_keeps_the_rest_of_the_page(
 def test_hugetlb_regions_in_every_mode(
     client: Client, tmp_path: Path, huge_pages: int, source: str
 ) -> None:
+    need_modes(client, *MODES, hugetlb=True)
     huge = default_huge_page_size()
     size = 2 * huge  # the fixture reserved 4 huge pages: one region at a time fits
     path, data = random_file(tmp_path, size)
@@ -212,6 +216,7 @@ def _read_pages(
 def test_shared_writes_are_seen_by_every_attachment_and_by_read_region(
     client: Client, tmp_path: Path, children: Callable[..., Child], mode: str
 ) -> None:
+    need_modes(client, mode)
     region, source = make_region(client, tmp_path, "file", 64 * PAGE)
     expected = bytearray(source)
     with client.attach(region, mode=mode) as mine:
@@ -281,6 +286,7 @@ def _touch_together(
 def test_eight_processes_fill_each_page_once(
     client: Client, tmp_path: Path, children: Callable[..., Child], modes: str
 ) -> None:
+    need_modes(client, *(SHARED_MODES if modes == "mixed" else (modes,)))
     region_pages = 256
     path, data = random_file(tmp_path, region_pages * PAGE)
     region = client.create_region(region_pages * PAGE, source=Source.of_file(path))
@@ -508,6 +514,7 @@ def test_dontneed_on_private_copy_refills_from_the_region(client: Client, tmp_pa
 def test_dontneed_on_a_shared_mode_keeps_the_page_in_the_region(
     client: Client, tmp_path: Path, mode: str
 ) -> None:
+    need_modes(client, mode)
     region, source = make_region(client, tmp_path, "file", 64 * PAGE)
     with client.attach(region, mode=mode) as attachment:
         memory = Memory.of(attachment)
@@ -537,6 +544,7 @@ def _read_page_twice(
 def test_remove_on_a_shared_mode_reads_the_source_again_for_every_sharer(
     client: Client, tmp_path: Path, children: Callable[..., Child], mode: str, other_mode: str
 ) -> None:
+    need_modes(client, mode, other_mode)
     region, source = make_region(client, tmp_path, "file", 64 * PAGE)
     with client.attach(region, mode=mode) as attachment:
         memory = Memory.of(attachment)
@@ -575,6 +583,7 @@ def test_madv_free_then_dontneed_on_private_copy_is_served(client: Client, tmp_p
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("mode", LAZY_MODES)
 def test_mremap_moves_the_attachment(client: Client, tmp_path: Path, mode: str) -> None:
+    need_modes(client, mode)
     pages = 64
     region, source = make_region(client, tmp_path, "file", pages * PAGE)
     attachment = client.attach(region, mode=mode)
@@ -604,6 +613,7 @@ def test_mremap_moves_the_attachment(client: Client, tmp_path: Path, mode: str) 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("mode", LAZY_MODES)
 def test_partial_munmap_leaves_the_rest_served(client: Client, tmp_path: Path, mode: str) -> None:
+    need_modes(client, mode)
     pages = 64
     region, source = make_region(client, tmp_path, "file", pages * PAGE)
     with client.attach(region, mode=mode) as attachment:
@@ -645,6 +655,7 @@ def _unmap_and_attach_again(
 def test_munmap_everything_then_attach_again(
     client: Client, tmp_path: Path, children: Callable[..., Child], mode: str
 ) -> None:
+    need_modes(client, mode)
     region, source = make_region(client, tmp_path, "file", 64 * PAGE)
     handoff, region_id, first_token = token_for(client, region.id)
     second_token = token_for(client, region.id)[2]

@@ -29,7 +29,14 @@ from shmfault.attach import AttachError, attach
 from shmfault.client import Client
 from shmfault.protocol import ErrorCode
 from tests import worlds
-from tests.integration.attach_helpers import PAGE, entry_of, make_region, shuffled, wrong_pages
+from tests.integration.attach_helpers import (
+    PAGE,
+    entry_of,
+    make_region,
+    need_modes,
+    shuffled,
+    wrong_pages,
+)
 from tests.integration.conftest import Service
 
 PAGES = 64
@@ -119,6 +126,25 @@ def _token(client: Client, region_id: str) -> tuple[str, str, str]:
     return handoff, region, token
 
 
+def _open_path(client: Client, path: str) -> None:
+    """Skip, with the probe's reason, where the kernel lacks an open path the test relies on:
+    ``user_mode_only`` (5.11) or ``dev_userfaultfd`` (6.1)."""
+    access: Any = client.capabilities()["access"]
+    check = access["paths"][path]
+    if not check["ok"]:
+        pytest.skip(f"the probe says {path} cannot be had on this kernel: {check['reason']}")
+
+
+def _nobody_has_only_user_mode_only(client: Client) -> None:
+    """Skip where nobody gets more than a user-mode-only userfaultfd (what the test proves)."""
+    _open_path(client, "user_mode_only")
+    if Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip() == "1":
+        pytest.skip("vm.unprivileged_userfaultfd=1 gives nobody the full syscall")
+    device = Path("/dev/userfaultfd")
+    if device.exists() and device.stat().st_mode & 0o006:
+        pytest.skip("/dev/userfaultfd is open to others: nobody gets a full userfaultfd")
+
+
 def _page_with_message(expected: bytes) -> bytes:
     page = bytearray(expected[KERNEL_PAGE * PAGE : (KERNEL_PAGE + 1) * PAGE])
     page[: len(MESSAGE)] = MESSAGE
@@ -130,6 +156,8 @@ def _page_with_message(expected: bytes) -> bytes:
 def test_nobody_attaches_lazily_with_a_user_mode_only_userfaultfd(
     client: Client, tmp_path: Path, nobody: pwd.struct_passwd, mode: str | None
 ) -> None:
+    _nobody_has_only_user_mode_only(client)
+    need_modes(client, mode or "shared-copy")
     region, expected = make_region(client, tmp_path, "file", PAGES * PAGE)
     outcome = worlds.run_in_child(
         _use, *_token(client, region.id), mode, expected, user="nobody", timeout=20
@@ -222,6 +250,7 @@ def test_a_client_denied_only_the_syscall_gets_a_full_userfaultfd_from_the_devic
 ) -> None:
     # Root may open /dev/userfaultfd: the filter on the syscall alone changes nothing but the
     # path, and kernel-mode faults are served.
+    _open_path(client, "dev_userfaultfd")
     region, expected = make_region(client, tmp_path, "file", PAGES * PAGE)
     outcome = worlds.run_in_child(
         _use, *_token(client, region.id), None, expected, deny_userfaultfd=True, timeout=20

@@ -107,7 +107,8 @@ def test_register_missing_returns_the_fill_ioctls(lab: Lab) -> None:
     assert not ioctls & Ioctl.CONTINUE
 
 
-def test_register_wp_adds_writeprotect(lab: Lab) -> None:
+def test_register_wp_adds_writeprotect(lab: Lab, require: Require) -> None:
+    require(Feature.PAGEFAULT_FLAG_WP)
     uffd = lab.uffd()
     address = lab.anon()
     ioctls = uffd.register(address, PAGE, WP)
@@ -115,7 +116,8 @@ def test_register_wp_adds_writeprotect(lab: Lab) -> None:
     assert not ioctls & Ioctl.CONTINUE
 
 
-def test_register_minor_on_shmem_adds_continue(lab: Lab) -> None:
+def test_register_minor_on_shmem_adds_continue(lab: Lab, require: Require) -> None:
+    require(Feature.MINOR_SHMEM)
     uffd = lab.uffd()
     address = lab.shared(lab.memfd())
     ioctls = uffd.register(address, PAGE, MINOR)
@@ -329,7 +331,8 @@ def test_copy_serves_shmem_and_fills_the_file(lab: Lab) -> None:
 
 
 @pytest.mark.timeout(TIMEOUT)
-def test_continue_maps_the_page_cache_page_of_a_minor_fault(lab: Lab) -> None:
+def test_continue_maps_the_page_cache_page_of_a_minor_fault(lab: Lab, require: Require) -> None:
+    require(Feature.MINOR_SHMEM)
     uffd = lab.uffd()
     fd = lab.memfd()
     payload = pattern(b"written through the fd ")
@@ -345,7 +348,10 @@ def test_continue_maps_the_page_cache_page_of_a_minor_fault(lab: Lab) -> None:
 
 
 @pytest.mark.timeout(TIMEOUT)
-def test_writeprotect_blocks_a_writer_until_protection_is_cleared(lab: Lab) -> None:
+def test_writeprotect_blocks_a_writer_until_protection_is_cleared(
+    lab: Lab, require: Require
+) -> None:
+    require(Feature.PAGEFAULT_FLAG_WP)
     uffd = lab.uffd()
     address = lab.anon()
     uffd.register(address, PAGE, MISSING | WP)
@@ -366,7 +372,8 @@ def test_writeprotect_blocks_a_writer_until_protection_is_cleared(lab: Lab) -> N
 
 
 @pytest.mark.timeout(TIMEOUT)
-def test_writeprotect_can_protect_a_present_page_later(lab: Lab) -> None:
+def test_writeprotect_can_protect_a_present_page_later(lab: Lab, require: Require) -> None:
+    require(Feature.PAGEFAULT_FLAG_WP)
     uffd = lab.uffd()
     address = lab.anon()
     uffd.register(address, PAGE, MISSING | WP)
@@ -659,7 +666,8 @@ def test_fork_event_hands_the_reader_a_uffd_for_the_child(lab: Lab) -> None:
 
 
 @pytest.mark.timeout(TIMEOUT)
-def test_thread_id_names_the_faulting_thread(lab: Lab) -> None:
+def test_thread_id_names_the_faulting_thread(lab: Lab, require: Require) -> None:
+    require(Feature.THREAD_ID)
     uffd = lab.uffd(Feature.THREAD_ID)
     address = lab.anon(2)
     uffd.register(address, 2 * PAGE, MISSING)
@@ -675,7 +683,8 @@ def test_thread_id_names_the_faulting_thread(lab: Lab) -> None:
 
 
 @pytest.mark.timeout(TIMEOUT)
-def test_exact_address_reports_the_byte_touched(lab: Lab) -> None:
+def test_exact_address_reports_the_byte_touched(lab: Lab, require: Require) -> None:
+    require(Feature.EXACT_ADDRESS)
     uffd = lab.uffd(Feature.EXACT_ADDRESS)
     address = lab.anon()
     uffd.register(address, PAGE, MISSING)
@@ -723,7 +732,8 @@ def test_kernel_mode_fault_is_served(lab: Lab) -> None:
 
 
 @pytest.mark.timeout(TIMEOUT)
-def test_adopt_takes_over_a_live_uffd(lab: Lab) -> None:
+def test_adopt_takes_over_a_live_uffd(lab: Lab, require: Require) -> None:
+    require(Feature.THREAD_ID)
     opened = lab.uffd(Feature.THREAD_ID | Feature.EVENT_REMOVE)
     adopted = lab.own(Uffd.adopt(os.dup(opened.fileno())))
     assert adopted.features == Feature.THREAD_ID | Feature.EVENT_REMOVE
