@@ -209,6 +209,14 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="time a client gets to finish the attach handshake (default 10)",
     )
     parser.add_argument(
+        "--fault-around-max",
+        type=int,
+        dest="fault_around_max_pages",
+        metavar="PAGES",
+        help="where access is sequential, grow the fault-around window up to this many pages "
+        "(default: no growth)",
+    )
+    parser.add_argument(
         "--spin-us",
         type=int,
         dest="spin_us",

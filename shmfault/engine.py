@@ -182,6 +182,10 @@ class MappedRange:
     length: int
     region_offset: int
     pages: bytearray = field(default_factory=bytearray, repr=False)
+    #: adaptive fault-around: the region offset a sequential next fault would have (the end of
+    #: the last window filled) and the window it would get, in pages
+    sequential_next: int = -1
+    window_pages: int = 0
 
     @property
     def end(self) -> int:
@@ -347,6 +351,10 @@ class FaultEngine:
     access takes one fault per block instead of per page. ``on_end`` is called (on the engine
     thread) once per attachment after its fds are closed.
 
+    ``fault_around_max_pages``: where access is sequential (each fault where the last window
+    ended), the window doubles up to this many pages; random access keeps the block. Equal to
+    ``fault_around_pages`` (the default): no growth.
+
     ``spin_us``: after serving something, the engine keeps polling without sleeping for this
     many microseconds before it blocks in epoll again. A client that faults again within that
     time is served without the cross-CPU wake-up of a sleeping thread (tens of microseconds on
@@ -358,11 +366,19 @@ class FaultEngine:
         self,
         *,
         fault_around_pages: int = 16,
+        fault_around_max_pages: int | None = None,
         spin_us: int = 0,
         on_end: Callable[[Attachment], None] | None = None,
     ) -> None:
         if fault_around_pages < 1:
             raise ValueError(f"fault_around_pages must be >= 1, not {fault_around_pages}")
+        maximum = fault_around_pages if fault_around_max_pages is None else fault_around_max_pages
+        if maximum < fault_around_pages:
+            raise ValueError(
+                f"fault_around_max_pages ({maximum}) is below fault_around_pages "
+                f"({fault_around_pages})"
+            )
+        self.fault_around_max_pages = maximum
         if spin_us < 0:
             raise ValueError(f"spin_us must be >= 0, not {spin_us}")
         self.fault_around_pages = fault_around_pages
@@ -815,6 +831,26 @@ class FaultEngine:
         end = min(aligned + block, mapped_range.region_offset + mapped_range.length)
         return start, end
 
+    def _adaptive_window(
+        self, mapped_range: MappedRange, page_size: int, offset: int
+    ) -> tuple[int, int]:
+        """The window to fill for a fault at ``offset``. A fault where the last window ended
+        is sequential access: its window starts there and doubles, up to
+        ``fault_around_max_pages``; any other fault gets the aligned fault-around block and
+        starts the growth over. With the maximum at the base size, always the block."""
+        limit = mapped_range.region_offset + mapped_range.length
+        if offset == mapped_range.sequential_next and self.fault_around_max_pages > (
+            self.fault_around_pages
+        ):
+            pages = min(mapped_range.window_pages * 2, self.fault_around_max_pages)
+            start, end = offset, min(offset + pages * page_size, limit)
+        else:
+            pages = self.fault_around_pages
+            start, end = self._window(mapped_range, page_size, offset)
+        mapped_range.window_pages = pages
+        mapped_range.sequential_next = end
+        return start, end
+
     def _resolve(self, attachment: Attachment, fault: Pagefault) -> None:
         uffd = attachment.uffd
         assert uffd is not None
@@ -835,7 +871,7 @@ class FaultEngine:
             self._wake(attachment, page_address)
             return
         offset = mapped_range.region_offset + (fault.address - mapped_range.base)
-        start, end = self._window(mapped_range, page, offset)
+        start, end = self._adaptive_window(mapped_range, page, offset)
         try:
             self._fill(attachment, mapped_range, start, end, offset)
         except UffdPageExistsError:

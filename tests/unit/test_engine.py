@@ -356,3 +356,37 @@ def test_replay_pending_counts_what_is_left() -> None:
     attached.replay_next = 1
     assert attached.replay_pending == 2
     assert attached.describe()["replay_pending"] == 2
+
+
+# --- adaptive fault-around ---
+
+
+def test_sequential_faults_grow_the_window_and_a_random_one_resets_it() -> None:
+    adaptive = FaultEngine(fault_around_pages=4, fault_around_max_pages=32)
+    try:
+        first = attachment(pages=256).ranges[0]
+        assert adaptive._adaptive_window(first, PAGE, 0) == (0, 4 * PAGE)
+        # Each fault where the last window ended doubles it, from the fault on.
+        assert adaptive._adaptive_window(first, PAGE, 4 * PAGE) == (4 * PAGE, 12 * PAGE)
+        assert adaptive._adaptive_window(first, PAGE, 12 * PAGE) == (12 * PAGE, 28 * PAGE)
+        assert adaptive._adaptive_window(first, PAGE, 28 * PAGE) == (28 * PAGE, 60 * PAGE)
+        assert adaptive._adaptive_window(first, PAGE, 60 * PAGE) == (60 * PAGE, 92 * PAGE)
+        # Anywhere else: the aligned block again, and growth starts over.
+        assert adaptive._adaptive_window(first, PAGE, 201 * PAGE) == (200 * PAGE, 204 * PAGE)
+        assert adaptive._adaptive_window(first, PAGE, 204 * PAGE) == (204 * PAGE, 212 * PAGE)
+        # Clipped to the range.
+        assert adaptive._adaptive_window(first, PAGE, 212 * PAGE) == (212 * PAGE, 228 * PAGE)
+        assert adaptive._adaptive_window(first, PAGE, 228 * PAGE) == (228 * PAGE, 256 * PAGE)
+    finally:
+        adaptive.stop()
+
+
+def test_without_a_larger_maximum_every_fault_gets_the_block(engine: FaultEngine) -> None:
+    first = attachment(pages=64).ranges[0]
+    assert engine._adaptive_window(first, PAGE, 0) == (0, 4 * PAGE)
+    assert engine._adaptive_window(first, PAGE, 4 * PAGE) == (4 * PAGE, 8 * PAGE)
+
+
+def test_a_maximum_below_the_block_is_refused() -> None:
+    with pytest.raises(ValueError, match="below"):
+        FaultEngine(fault_around_pages=16, fault_around_max_pages=8)
