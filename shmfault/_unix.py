@@ -98,19 +98,39 @@ def listen_seqpacket(path: str, backlog: int = 128) -> socket.socket:
 def connect_seqpacket(path: str, timeout: float | None = None) -> socket.socket:
     """A ``SOCK_SEQPACKET`` unix socket connected to the listener at ``path``, close-on-exec.
 
-    Blocks until connected, for at most ``timeout`` seconds (None: no limit; the connect only
-    waits when the listener's backlog is full). ``timeout`` stays set on the socket for later
-    sends and receives. Raises TimeoutError, FileNotFoundError (no socket at ``path``),
+    Blocks until connected, for at most ``timeout`` seconds (None: no limit; 0: do not wait; the
+    connect only waits while the listener's backlog is full). ``timeout`` stays set on the socket
+    for later sends and receives. Raises TimeoutError, FileNotFoundError (no socket at ``path``),
     ConnectionRefusedError (nobody listening) or another OSError; the socket is then closed.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
+        if timeout is not None and timeout > 0:
+            # A unix connect to a full backlog fails at once with EAGAIN on a non-blocking
+            # socket, which is what Python's settimeout makes it: it does not wait for
+            # writability as a TCP connect does. Connect blocking instead, bounded by
+            # SO_SNDTIMEO, which is the wait the kernel's unix connect honours.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
+            try:
+                sock.connect(path)
+            except BlockingIOError:
+                raise TimeoutError(
+                    errno.ETIMEDOUT,
+                    f"the listener at {path} kept its backlog full for {timeout} s",
+                ) from None
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
         sock.settimeout(timeout)
-        sock.connect(path)
+        if timeout is None or timeout <= 0:
+            sock.connect(path)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
 
 
 def send_packet(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:

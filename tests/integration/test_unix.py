@@ -11,6 +11,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -365,6 +366,56 @@ def test_connect_failures(tmp_path: Path) -> None:
     listen_seqpacket(path).close()  # leaves the socket file with nobody listening
     with pytest.raises(ConnectionRefusedError):
         connect_seqpacket(path, timeout=_WAIT)
+
+
+def _fill_backlog(path: str) -> list[socket.socket]:
+    """Connections queued on the listener at ``path`` until its backlog refuses one more."""
+    queued: list[socket.socket] = []
+    for _ in range(1000):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        queued.append(sock)
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            queued.pop()
+            return queued
+    raise AssertionError("the backlog never filled")
+
+
+def test_connect_waits_for_room_in_a_full_backlog(tmp_path: Path) -> None:
+    """A unix connect to a full backlog is EAGAIN at once on a non-blocking socket; the timeout
+    must bound a wait for room instead (a flood of connections must not refuse a client)."""
+    path = str(tmp_path / "handoff.sock")
+    with listen_seqpacket(path, backlog=2) as listener:
+        queued = _fill_backlog(path)
+        try:
+            accepted: list[socket.socket] = []
+            timer = threading.Timer(0.3, lambda: accepted.append(listener.accept()[0]))
+            timer.start()
+            with connect_seqpacket(path, timeout=_WAIT) as client:
+                timer.join()
+                assert accepted, "the connect returned before the listener made room"
+                assert client.gettimeout() == _WAIT
+            accepted[0].close()
+        finally:
+            for sock in queued:
+                sock.close()
+
+
+def test_connect_to_a_backlog_that_stays_full_times_out(tmp_path: Path) -> None:
+    path = str(tmp_path / "handoff.sock")
+    with listen_seqpacket(path, backlog=2):
+        queued = _fill_backlog(path)
+        try:
+            with pytest.raises(TimeoutError, match="backlog full"):
+                connect_seqpacket(path, timeout=0.2)
+            with pytest.raises(BlockingIOError):
+                connect_seqpacket(path, timeout=0)
+        finally:
+            for sock in queued:
+                sock.close()
 
 
 # --- who is at the other end ---
