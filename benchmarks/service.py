@@ -129,6 +129,10 @@ class Service:
             "1",
             "--fault-around",
             str(self.fault_around),
+            # Fixed blocks, as every table's "fa N" says; growth is measured by passing
+            # --service-arg=--fault-around-max --service-arg=M, which comes later and wins.
+            "--fault-around-max",
+            "0",
             *self.extra_args,
         ]
 

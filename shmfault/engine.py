@@ -64,6 +64,8 @@ from shmfault.modes import Mode
 from shmfault.recording import Recorder
 from shmfault.uffd import Uffd
 
+_BASE_PAGE = os.sysconf("SC_PAGESIZE")
+
 _log = logging.getLogger("shmfault.engine")
 
 
@@ -353,7 +355,7 @@ class FaultEngine:
 
     ``fault_around_max_pages``: where access is sequential (each fault where the last window
     ended), the window doubles up to this many pages; random access keeps the block. Equal to
-    ``fault_around_pages`` (the default): no growth.
+    ``fault_around_pages`` (the default): no growth. Huge pages never grow.
 
     ``spin_us``: after serving something, the engine keeps polling without sleeping for this
     many microseconds before it blocks in epoll again. A client that faults again within that
@@ -837,10 +839,15 @@ class FaultEngine:
         """The window to fill for a fault at ``offset``. A fault where the last window ended
         is sequential access: its window starts there and doubles, up to
         ``fault_around_max_pages``; any other fault gets the aligned fault-around block and
-        starts the growth over. With the maximum at the base size, always the block."""
+        starts the growth over. With the maximum at the base size, or pages larger than the
+        base page, always the block."""
         limit = mapped_range.region_offset + mapped_range.length
-        if offset == mapped_range.sequential_next and self.fault_around_max_pages > (
-            self.fault_around_pages
+        # Huge pages never grow: the block is already 16 huge pages (32 MiB at 2 MiB), and one
+        # fault filling 512 MiB would stall the client for a tenth of a second.
+        if (
+            offset == mapped_range.sequential_next
+            and self.fault_around_max_pages > self.fault_around_pages
+            and page_size == _BASE_PAGE
         ):
             pages = min(mapped_range.window_pages * 2, self.fault_around_max_pages)
             start, end = offset, min(offset + pages * page_size, limit)

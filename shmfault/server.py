@@ -130,7 +130,8 @@ class ServerConfig:
     workers: int = 16
     probe_round_trips: bool = True
     fault_around_pages: int = 16
-    fault_around_max_pages: int = 0  # 0: the same as fault_around_pages (no growth)
+    # Sequential access grows the window up to this; at or below fault_around_pages: no growth.
+    fault_around_max_pages: int = 256
     spin_us: int = 0
     handshake_timeout: float = 10.0
     reattach_grace: float = 60.0
@@ -165,12 +166,9 @@ class ServerConfig:
             raise ConfigError("max_attachments and max_attachments_per_uid must be at least 1")
         if config.handshake_timeout <= 0:
             raise ConfigError(f"handshake_timeout must be positive, not {config.handshake_timeout}")
-        if config.fault_around_max_pages and not (
-            config.fault_around_pages <= config.fault_around_max_pages <= 65536
-        ):
+        if not 0 <= config.fault_around_max_pages <= 65536:
             raise ConfigError(
-                f"fault_around_max_pages must be 0 or {config.fault_around_pages}-65536, not "
-                f"{config.fault_around_max_pages}"
+                f"fault_around_max_pages must be 0-65536, not {config.fault_around_max_pages}"
             )
         if not 0 <= config.spin_us <= 1_000_000:
             raise ConfigError(f"spin_us must be 0-1000000, not {config.spin_us}")
@@ -451,7 +449,7 @@ class Server:
 
         self.engine = FaultEngine(
             fault_around_pages=config.fault_around_pages,
-            fault_around_max_pages=config.fault_around_max_pages or config.fault_around_pages,
+            fault_around_max_pages=max(config.fault_around_max_pages, config.fault_around_pages),
             spin_us=config.spin_us,
             on_end=on_end,
         )

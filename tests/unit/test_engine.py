@@ -387,6 +387,17 @@ def test_without_a_larger_maximum_every_fault_gets_the_block(engine: FaultEngine
     assert engine._adaptive_window(first, PAGE, 4 * PAGE) == (4 * PAGE, 8 * PAGE)
 
 
+def test_huge_pages_keep_the_block_however_sequential() -> None:
+    adaptive = FaultEngine(fault_around_pages=4, fault_around_max_pages=32)
+    huge = 2 * 1024 * 1024
+    try:
+        first = attachment(pages=64 * huge // PAGE).ranges[0]
+        assert adaptive._adaptive_window(first, huge, 0) == (0, 4 * huge)
+        assert adaptive._adaptive_window(first, huge, 4 * huge) == (4 * huge, 8 * huge)
+    finally:
+        adaptive.stop()
+
+
 def test_a_maximum_below_the_block_is_refused() -> None:
     with pytest.raises(ValueError, match="below"):
         FaultEngine(fault_around_pages=16, fault_around_max_pages=8)
