@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from shmfault import _unix, logs, protocol
+from shmfault import _unix, logs, mappings, protocol
 from shmfault._abi import Feature
 from shmfault.engine import Attachment, FaultEngine, MappedRange, new_attachment_id
 from shmfault.errors import (
@@ -387,11 +387,50 @@ class HandoffServer:
         if attach.base + attach.length >= 1 << 64:
             raise _Refusal(ErrorCode.BAD_RANGE, f"base {attach.base:#x} + length overflows")
 
+    def _check_mapping(
+        self, handshake: _Handshake, region: RegionBacking, mode: Mode, attach: protocol.Attach
+    ) -> None:
+        """A shared mode fills the region itself through the client's mapping: the declared
+        range must be a shared mapping of the region at the declared offset, or the source's
+        bytes for one offset would land in the region at another, for every sharer."""
+        if mode not in (Mode.SHARED_COPY, Mode.SHARED_CONTINUE):
+            return  # private-copy fills the client's own memory; eager fills nothing of it
+        try:
+            text = mappings.read_maps(handshake.pid) if handshake.pid > 0 else None
+        except PermissionError:
+            text = None
+        except OSError as exc:
+            raise _Refusal(
+                ErrorCode.BAD_RANGE, f"cannot read the client's mappings: {exc.strerror}"
+            ) from None
+        if text is None:
+            # Another uid's process without CAP_SYS_PTRACE, or a pid outside our namespace:
+            # the check cannot run, and what it prevents gains the client nothing
+            # (docs/security.md §4.3).
+            logs.event(_log, logging.INFO, "mapping_unchecked", pid=handshake.pid)
+            return
+        backing = os.fstat(region.backing.fileno())
+        mismatch = mappings.mapping_mismatch(
+            list(mappings.parse_maps(text)),
+            base=attach.base,
+            length=attach.length,
+            region_offset=attach.region_offset,
+            dev=backing.st_dev,
+            inode=backing.st_ino,
+        )
+        if mismatch is not None:
+            raise _Refusal(
+                ErrorCode.BAD_RANGE,
+                f"the declared range is not the region mapped at region_offset "
+                f"{attach.region_offset:#x}: {mismatch}",
+            )
+
     def _attach(self, handshake: _Handshake, attach: protocol.Attach, uffd_fd: int | None) -> None:
         region, choice = handshake.region, handshake.choice
         assert region is not None and choice is not None
         try:
             self._check_range(region, attach)
+            self._check_mapping(handshake, region, choice.mode, attach)
         except _Refusal:
             _unix.close_fds([] if uffd_fd is None else [uffd_fd])
             raise
@@ -481,6 +520,7 @@ class HandoffServer:
                 )
             attach = protocol.Attach(message.base, message.length, message.region_offset)
             self._check_range(region, attach)
+            self._check_mapping(handshake, region, message.mode, attach)
             uffd_fd = None
             uffd = self._adopt(region, message.mode, attach, event.uffd_fd)
             try:

@@ -419,6 +419,13 @@ class Handoff:
         self._mappings.append((address, size))
         return address
 
+    def map(self, length: int, flags: int, fd: int = -1, offset: int = 0) -> int:
+        """Any other mapping (read-write), unmapped with the connection; the address."""
+        protection = _libc.PROT_READ | _libc.PROT_WRITE
+        address = _libc.mmap(0, length, protection, flags, fd, offset)
+        self._mappings.append((address, length))
+        return address
+
     def uffd(
         self,
         extra: Feature | int = 0,

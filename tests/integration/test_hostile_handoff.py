@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from shmfault import _unix, protocol
+from shmfault import _libc, _unix, protocol
+from shmfault._abi import RegisterMode
 from shmfault.attach import AttachError, attach
 from shmfault.client import Client
 from shmfault.modes import Mode
@@ -361,6 +362,71 @@ def _closed_by_peer(sock: socket.socket) -> bool:
         return True
     # ERROR TIMEOUT first, then the end of the connection.
     return packet is None
+
+
+# --- §4.3: the declared range must be the region, mapped where the client says ---
+
+
+def _mapped_elsewhere(connection: Handoff) -> tuple[int, protocol.Attach]:
+    """The region mapped from page 4 on, declared as if mapped from page 0."""
+    address = connection.map_region(offset=4 * PAGE, length=(PAGES - 4) * PAGE)
+    return address, protocol.Attach(address, (PAGES - 4) * PAGE, 0)
+
+
+def _anonymous_memory(connection: Handoff) -> tuple[int, protocol.Attach]:
+    address = connection.map(PAGES * PAGE, _libc.MAP_PRIVATE | _libc.MAP_ANONYMOUS)
+    return address, protocol.Attach(address, PAGES * PAGE, 0)
+
+
+def _private_mapping_of_the_region(connection: Handoff) -> tuple[int, protocol.Attach]:
+    assert connection.region_fd is not None
+    address = connection.map(PAGES * PAGE, _libc.MAP_PRIVATE, connection.region_fd)
+    return address, protocol.Attach(address, PAGES * PAGE, 0)
+
+
+def _another_memfd(connection: Handoff) -> tuple[int, protocol.Attach]:
+    memfd = connection.own(os.memfd_create("not-the-region", os.MFD_CLOEXEC))
+    os.ftruncate(memfd, PAGES * PAGE)
+    address = connection.map(PAGES * PAGE, _libc.MAP_SHARED, memfd)
+    return address, protocol.Attach(address, PAGES * PAGE, 0)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("mode", [Mode.SHARED_COPY, Mode.SHARED_CONTINUE])
+@pytest.mark.parametrize(
+    ("memory", "why"),
+    [
+        (_mapped_elsewhere, "maps region offset 0x4000, not the declared 0x0"),
+        (_anonymous_memory, "maps another file than the region"),
+        (_private_mapping_of_the_region, "private mapping of the region"),
+        (_another_memfd, "maps another file than the region"),
+    ],
+)
+def test_a_shared_attach_whose_range_is_not_the_region_where_declared_is_refused(
+    victim: Victim,
+    handoffs: Callable[[str | os.PathLike[str]], Handoff],
+    memory: Callable[[Handoff], tuple[int, protocol.Attach]],
+    why: str,
+    mode: Mode,
+) -> None:
+    """docs/security.md §4.3: in a shared mode the service fills the region through the
+    client's mapping, so the declared range must be a shared mapping of the region at the
+    declared offset; otherwise the source's bytes for one offset would land in the region at
+    another, for every sharer. The region keeps its bytes."""
+    connection = handoffs(victim.handoff)
+    welcome = connection.hello(victim.region_id, victim.token(), mode=mode)
+    assert isinstance(welcome, protocol.Welcome), welcome
+    address, declared = memory(connection)
+    uffd = connection.uffd()
+    # Anonymous memory has no minor faults: the hostile client registers what it can.
+    register_mode = RegisterMode.MISSING if memory is _anonymous_memory else welcome.register_mode
+    uffd.register(address, declared.length, register_mode)
+    connection.send(declared, [uffd.fileno()])
+    message = refused(connection, connection.receive(), ErrorCode.BAD_RANGE)
+    assert why in message
+    connection.close()
+    assert victim.client.read(victim.region_id) == victim.source
+    victim.unharmed()
 
 
 # --- §2.3: socket paths an attacker prepared ---
