@@ -284,14 +284,22 @@ class HandoffServer:
 
     # --- the two steps ---
 
-    def _support_for(self, region: RegionBacking) -> dict[Mode, str]:
-        if region.backing.kind is not BackingKind.HUGETLB:
-            return self._support
+    def _support_for(self, region: RegionBacking, uid: int) -> dict[Mode, str]:
         support = dict(self._support)
-        for mode in (Mode.SHARED_COPY, Mode.SHARED_CONTINUE):
-            lacking = requirements(mode, hugetlb=True).features & ~self._api_features
-            if lacking:
-                support[mode] = f"the kernel lacks {lacking!r} for hugetlbfs"
+        if region.backing.kind is BackingKind.HUGETLB:
+            for mode in (Mode.SHARED_COPY, Mode.SHARED_CONTINUE):
+                lacking = requirements(mode, hugetlb=True).features & ~self._api_features
+                if lacking:
+                    support[mode] = f"the kernel lacks {lacking!r} for hugetlbfs"
+        if region.backing.kind is BackingKind.POSIX_SHM and uid not in (0, os.geteuid()):
+            # A posix-shm object cannot be sealed: whoever holds a read-write fd of it can
+            # resize it under every sharer. Our own uid could open it in /dev/shm anyway;
+            # anybody else gets only modes that do not hand the fd out.
+            for mode in (Mode.SHARED_COPY, Mode.SHARED_CONTINUE, Mode.EAGER):
+                support[mode] = (
+                    f"a posix-shm region cannot be sealed: its fd goes only to uid "
+                    f"{os.geteuid()} and root, not to uid {uid}"
+                )
         return support
 
     def _hello(self, handshake: _Handshake, hello: protocol.Hello) -> None:
@@ -311,7 +319,7 @@ class HandoffServer:
             handshake.replay = self._replay_pages(region, options.replay)
         try:
             choice = choose(
-                self._support_for(region),
+                self._support_for(region, handshake.uid),
                 UffdAccess(hello.uffd_access),
                 requested=hello.mode,
                 minimum=hello.minimum_mode,
@@ -494,6 +502,11 @@ class HandoffServer:
                 raise _Refusal(ErrorCode.DENIED, str(exc)) from None
             handshake.region = region
             handshake.reattach_key = record.key
+            unavailable = self._support_for(region, handshake.uid).get(message.mode)
+            if unavailable:
+                raise _Refusal(
+                    ErrorCode.MODE_UNAVAILABLE, f"{message.mode.wire_name}: {unavailable}"
+                )
             said = (message.mode.wire_name, message.base, message.length, message.region_offset)
             was = (record.mode, record.base, record.length, record.region_offset)
             if said != was:

@@ -329,29 +329,9 @@ def test_a_fault_on_a_page_unmapped_mid_fault_ends_at_once(
     victim.unharmed()
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: a posix-shm region cannot be sealed, and a shared-mode client gets a "
-    "read-write fd of it: it can shrink the region under every sharer (docs/security.md §8, "
-    "gap 3)",
-)
-def test_a_client_cannot_shrink_a_posix_shm_region(
-    service: Service, client: Client, tmp_path: Path
-) -> None:
-    """docs/security.md §5.2: a client may write its region but not change its size: the other
-    sharers' mappings would SIGBUS past the new end."""
-    victim = Victim(service, client, tmp_path, backing="posix-shm")
-    with client.attach(victim.region_id, mode="shared-copy") as attachment:
-        end = attachment.address + attachment.length
-        fd = os.open(f"/proc/self/map_files/{attachment.address:x}-{end:x}", os.O_RDWR)
-        try:
-            with pytest.raises(PermissionError):
-                os.ftruncate(fd, 0)
-        finally:
-            os.ftruncate(fd, PAGES * PAGE)  # undone, whatever happened, for the check below
-            os.close(fd)
-    victim.unharmed()
+# A posix-shm region cannot be sealed: another uid never gets its fd
+# (test_hostile_handoff.test_another_uid_never_gets_the_fd_of_a_posix_shm_region); the
+# service's own uid could open it in /dev/shm anyway (docs/security.md §5.2).
 
 
 # --- §5.4: a flood of faulting threads ---

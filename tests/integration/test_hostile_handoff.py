@@ -516,6 +516,55 @@ def _attach_as_child(handoff: str, region_id: str, tokens: list[str]) -> list[di
     return outcomes
 
 
+def _attach_posix_shm_as_child(
+    handoff: str, region_id: str, tokens: list[str]
+) -> list[dict[str, object]]:
+    """In the child: ask for shared-copy with the first token, then let the service choose
+    with the second, write the page it reads, and say what came back."""
+    outcomes: list[dict[str, object]] = []
+    try:
+        attach(handoff, region_id, tokens[0], mode="shared-copy")
+    except AttachError as exc:
+        outcomes.append({"refused": exc.code.name, "message": str(exc)})
+    with attach(handoff, region_id, tokens[1]) as attachment:
+        before = bytes(attachment.buffer)
+        attachment.buffer[:4] = b"mine"
+        outcomes.append({"mode": attachment.mode.wire_name, "reasons": attachment.reasons})
+        outcomes.append({"bytes": before})
+    return outcomes
+
+
+@pytest.mark.timeout(60)
+def test_another_uid_never_gets_the_fd_of_a_posix_shm_region(
+    open_dir: Path, shm_prefix: str, nobody: pwd.struct_passwd, tmp_path: Path
+) -> None:
+    """docs/security.md §3.3, §5.2: a posix-shm object cannot be sealed, so a read-write fd of
+    it lets its holder resize it under every sharer. Only the service's own uid (which could
+    open it in /dev/shm anyway) and root get one; another uid is refused the shared modes and
+    falls back to private-copy, saying why, with the right bytes, and cannot change the
+    region."""
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    shared = Service(open_dir, shm_prefix, ["--group", group])
+    shared.start()
+    with shared.client() as client:
+        region, source = make_region(client, tmp_path, "file", PAGES * PAGE, "posix-shm")
+        tokens = [client.issue_attach_token(region.id)[1] for _ in range(2)]
+        forced, chosen, read = worlds.run_in_child(
+            _attach_posix_shm_as_child, region.handoff_socket, region.id, tokens, user="nobody"
+        )
+        assert forced["refused"] == ErrorCode.MODE_UNAVAILABLE.name, forced
+        assert f"not to uid {nobody.pw_uid}" in str(forced["message"])
+        assert chosen["mode"] == "private-copy", chosen
+        assert "posix-shm region cannot be sealed" in str(chosen["reasons"])
+        assert read["bytes"] == source
+        assert client.read(region.id) == source  # its write stayed in its own copy
+        # The service's own uid still shares it.
+        with client.attach(region.id) as mine:
+            assert mine.mode is Mode.SHARED_COPY
+            assert Memory.of(mine).read() == source
+    assert shared.stop() == 0
+
+
 @pytest.mark.timeout(60)
 def test_another_uid_cannot_reach_a_private_service_even_with_a_token(
     open_dir: Path, shm_prefix: str, nobody: pwd.struct_passwd, tmp_path: Path
