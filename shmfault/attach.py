@@ -310,6 +310,38 @@ def _receive(connection: socket.socket, machine: protocol.ClientConnection) -> p
     return event
 
 
+@dataclass(frozen=True)
+class IdentityLink:
+    """An identity connection (docs/protocol.md §3.7): ``credential`` stands for ``uid`` on
+    gRPC calls while ``connection`` stays open. Closing it revokes the credential."""
+
+    connection: socket.socket
+    uid: int
+    credential: bytes
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def identify(
+    handoff_socket: str | os.PathLike[str], timeout: float | None = DEFAULT_TIMEOUT
+) -> IdentityLink:
+    """Ask the service for a credential of this process's uid. Raises AttachError (the
+    service refused: LIMIT), OSError (socket), RemoteProtocolError."""
+    connection = _unix.connect_seqpacket(os.fspath(handoff_socket), timeout)
+    try:
+        machine = protocol.ClientConnection()
+        _unix.send_packet(connection, machine.identify())
+        event = _receive(connection, machine)
+        assert isinstance(event, protocol.IdentityReceived)
+    except BaseException:
+        connection.close()
+        raise
+    # The connection must not time out while it idles for the client's whole life.
+    connection.settimeout(None)
+    return IdentityLink(connection, event.uid, event.credential)
+
+
 def _aligned_anonymous(length: int, alignment: int, protection: int) -> int:
     """Private anonymous memory of ``length`` bytes at a multiple of ``alignment`` (a hugetlb
     region's huge page: the service serves whole huge pages). Only some kernels align large

@@ -156,6 +156,25 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--max-regions", type=int, metavar="N", help="number of regions (default 10000)"
     )
     parser.add_argument(
+        "--max-regions-per-uid",
+        type=int,
+        metavar="N",
+        help="regions one uid (or all anonymous callers together) may hold; root and the "
+        "service's uid are held to --max-regions only (default 1024)",
+    )
+    parser.add_argument(
+        "--max-bytes-per-uid",
+        type=_size,
+        metavar="SIZE",
+        help="sum of the sizes of one uid's regions, as above (default 64GiB)",
+    )
+    parser.add_argument(
+        "--require-identity",
+        action="store_true",
+        default=None,
+        help="refuse gRPC calls that carry no credential (docs/security.md)",
+    )
+    parser.add_argument(
         "--shm-prefix",
         metavar="PREFIX",
         help="POSIX shm names are /PREFIX.REGION_ID (default shmfault)",

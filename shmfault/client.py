@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -24,9 +25,16 @@ from typing import Any, Self, TypeVar
 import grpc
 
 from shmfault.attach import DEFAULT_TIMEOUT as DEFAULT_ATTACH_TIMEOUT
-from shmfault.attach import Attachment
+from shmfault.attach import Attachment, IdentityLink, identify
 from shmfault.attach import attach as attach_region
-from shmfault.errors import InvalidArgumentError, RequestError, ServiceUnavailableError
+from shmfault.errors import (
+    InvalidArgumentError,
+    RequestError,
+    ServiceUnavailableError,
+    ShmfaultError,
+    UnauthenticatedError,
+)
+from shmfault.identity import CREDENTIAL_METADATA_KEY
 from shmfault.memory import CHUNK_BYTES, BackingKind
 from shmfault.server import MAX_MESSAGE_BYTES, default_socket_path
 from shmfault.service import (
@@ -66,7 +74,12 @@ def _uint64(value: int, name: str) -> int:
 class Client:
     """A connection to the region service. Use as a context manager (or call :meth:`close`).
 
-    Connecting is lazy: an unreachable service is reported by the first call.
+    Connecting is lazy: an unreachable service is reported by the first call. Over a unix
+    socket, the first call also identifies this process to the service (docs/protocol.md §3.7),
+    so that the regions it creates belong to its uid and the calls it makes may use them; the
+    identity connection is held until :meth:`close`. Where identifying fails (a service without
+    identities, a handoff socket this process may not reach) the client calls anonymously and
+    ``identity_error`` says why.
     """
 
     def __init__(
@@ -83,6 +96,11 @@ class Client:
         )
         self._stub = pb_grpc.ShmfaultStub(self._channel)
         self._spent_tokens: set[str] = {""}
+        self._identity_lock = threading.Lock()
+        self._identity: IdentityLink | None = None
+        self._identity_tried = False
+        #: why this client calls anonymously, "" when it has identified (or not tried yet)
+        self.identity_error = ""
 
     def __enter__(self) -> Self:
         return self
@@ -96,20 +114,86 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Close the connection. Idempotent."""
+        """Close the connection (and the identity connection: its credential is revoked).
+        Idempotent."""
+        with self._identity_lock:
+            if self._identity is not None:
+                self._identity.close()
+                self._identity = None
         self._channel.close()
+
+    @property
+    def uid(self) -> int | None:
+        """The uid the service knows this client as; None while anonymous."""
+        self._metadata()
+        return None if self._identity is None else self._identity.uid
+
+    def _options(self) -> dict[str, Any]:
+        """The keyword arguments of every stub call."""
+        return {"timeout": self.timeout, "metadata": self._metadata()}
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata of every call: this process's credential, once identified."""
+        with self._identity_lock:
+            if not self._identity_tried:
+                self._identity_tried = True
+                self._identify()
+            if self._identity is None:
+                return ()
+            return ((CREDENTIAL_METADATA_KEY, self._identity.credential.hex()),)
+
+    def _identify(self) -> None:
+        if not self.target.startswith("unix:"):
+            self.identity_error = "a TCP target: the service cannot tell who is calling"
+            return
+        try:
+            # GetCapabilities is the one call a service that requires identity answers
+            # anonymously: it names the handoff socket to identify on.
+            request = pb.GetCapabilitiesRequest()
+            response = self._stub.GetCapabilities(request, timeout=self.timeout)
+        except grpc.RpcError:
+            self._identity_tried = False  # unreachable now: try again on the next call
+            return
+        if not response.handoff_socket:
+            self.identity_error = "the service does not offer identities"
+            return
+        try:
+            self._identity = identify(response.handoff_socket, self.timeout or 30.0)
+        except (OSError, ShmfaultError) as exc:
+            self.identity_error = f"identifying on {response.handoff_socket} failed: {exc}"
 
     def _call(self, function: Callable[[], _T]) -> _T:
         try:
             return function()
         except grpc.RpcError as exc:
-            raise self._translate(exc) from None
+            error = self._translate(exc)
+        if isinstance(error, UnauthenticatedError) and self._forget_identity():
+            # A restarted service knows none of the previous run's credentials: identify
+            # again, once.
+            try:
+                return function()
+            except grpc.RpcError as exc:
+                error = self._translate(exc)
+        raise error
+
+    def _forget_identity(self) -> bool:
+        """Drop the credential (so that the next call identifies again); whether there was
+        one."""
+        with self._identity_lock:
+            if self._identity is None:
+                return False
+            self._identity.close()
+            self._identity = None
+            self._identity_tried = False
+            return True
 
     def _translate(self, exc: grpc.RpcError) -> RequestError:
         call: grpc.Call = exc  # type: ignore[assignment]
         code = call.code()
         details = call.details() or ""
         error = exception_for(code, details, call.trailing_metadata() or ())
+        if isinstance(error, UnauthenticatedError) and self.identity_error:
+            return UnauthenticatedError(f"{error} ({self.identity_error})", error.field)
         if isinstance(error, ServiceUnavailableError) and code == grpc.StatusCode.UNAVAILABLE:
             return ServiceUnavailableError(
                 f"cannot reach the shmfault service at {self.target}: {details}"
@@ -146,14 +230,14 @@ class Client:
             labels=dict(labels or {}),
             fill_policy=FILL_TO_PROTO[policy],
         )
-        response = self._call(lambda: self._stub.CreateRegion(request, timeout=self.timeout))
+        response = self._call(lambda: self._stub.CreateRegion(request, **self._options()))
         return region_from_proto(response.region, response.attach_token)
 
     def get_region(self, region: str) -> Region:
         """The region with id or name ``region``. Raises RegionNotFoundError."""
         request = pb.GetRegionRequest(region=region)
         return region_from_proto(
-            self._call(lambda: self._stub.GetRegion(request, timeout=self.timeout))
+            self._call(lambda: self._stub.GetRegion(request, **self._options()))
         )
 
     def iter_regions(
@@ -173,7 +257,7 @@ class Client:
                 return
 
     def _list_page(self, request: pb.ListRegionsRequest) -> pb.ListRegionsResponse:
-        return self._call(lambda: self._stub.ListRegions(request, timeout=self.timeout))
+        return self._call(lambda: self._stub.ListRegions(request, **self._options()))
 
     def list_regions(self, labels: Mapping[str, str] | None = None) -> list[Region]:
         """Every region carrying all of ``labels``, in id order (all pages)."""
@@ -183,7 +267,7 @@ class Client:
         """Delete a region. Raises RegionNotFoundError; RegionBusyError while it is attached
         (unless ``force``) or the source of another region."""
         request = pb.DeleteRegionRequest(region=region, force=force)
-        self._call(lambda: self._stub.DeleteRegion(request, timeout=self.timeout))
+        self._call(lambda: self._stub.DeleteRegion(request, **self._options()))
 
     def iter_read(self, region: str, offset: int = 0, length: int = 0) -> Iterator[bytes]:
         """The bytes of ``[offset, offset + length)`` (``length`` 0: to the end) in pieces of
@@ -191,7 +275,7 @@ class Client:
         request = pb.ReadRegionRequest(
             region=region, offset=_uint64(offset, "offset"), length=_uint64(length, "length")
         )
-        stream = self._call(lambda: self._stub.ReadRegion(request, timeout=self.timeout))
+        stream = self._call(lambda: self._stub.ReadRegion(request, **self._options()))
         try:
             for piece in stream:
                 yield piece.data
@@ -219,7 +303,7 @@ class Client:
                     offset=offset + start, data=bytes(view[start : start + CHUNK_BYTES])
                 )
 
-        response = self._call(lambda: self._stub.WriteRegion(chunks(), timeout=self.timeout))
+        response = self._call(lambda: self._stub.WriteRegion(chunks(), **self._options()))
         return response.bytes_written
 
     def capabilities(self) -> dict[str, object]:
@@ -227,7 +311,7 @@ class Client:
         as taken when the service started. Raises ServiceUnavailableError when the service
         has none."""
         request = pb.GetCapabilitiesRequest()
-        response = self._call(lambda: self._stub.GetCapabilities(request, timeout=self.timeout))
+        response = self._call(lambda: self._stub.GetCapabilities(request, **self._options()))
         report: dict[str, object] = json.loads(response.capabilities_json)
         return report
 
@@ -239,7 +323,7 @@ class Client:
         pages filled ahead of it. Raises RegionNotFoundError, RecordingNotFoundError,
         InvalidArgumentError, ServiceUnavailableError."""
         request = pb.IssueAttachTokenRequest(region=region, record=record, replay=replay)
-        response = self._call(lambda: self._stub.IssueAttachToken(request, timeout=self.timeout))
+        response = self._call(lambda: self._stub.IssueAttachToken(request, **self._options()))
         return response.region_id, response.attach_token, response.handoff_socket
 
     def attach(
@@ -285,7 +369,7 @@ class Client:
         recently ended ones, as plain dicts (GetStats). Raises RegionNotFoundError,
         ServiceUnavailableError."""
         request = pb.GetStatsRequest(region=region)
-        response = self._call(lambda: self._stub.GetStats(request, timeout=self.timeout))
+        response = self._call(lambda: self._stub.GetStats(request, **self._options()))
         return [_stats_from_proto(entry) for entry in response.attachments]
 
     # --- working-set recordings (docs/recording.md) ---
@@ -293,32 +377,32 @@ class Client:
     def list_recordings(self, region_id: str = "") -> list[dict[str, Any]]:
         """Stored recordings (of one region id), oldest first. Raises ServiceUnavailableError."""
         request = pb.ListRecordingsRequest(region_id=region_id)
-        response = self._call(lambda: self._stub.ListRecordings(request, timeout=self.timeout))
+        response = self._call(lambda: self._stub.ListRecordings(request, **self._options()))
         return [_recording_from_proto(entry) for entry in response.recordings]
 
     def get_recording(self, recording_id: str) -> tuple[dict[str, Any], bytes]:
         """A recording's description and its file's bytes. Raises RecordingNotFoundError."""
         request = pb.GetRecordingRequest(recording_id=recording_id)
-        response = self._call(lambda: self._stub.GetRecording(request, timeout=self.timeout))
+        response = self._call(lambda: self._stub.GetRecording(request, **self._options()))
         return _recording_from_proto(response.recording), response.data
 
     def import_recording(self, data: bytes) -> dict[str, Any]:
         """Store a recording file under a new id. Raises InvalidArgumentError."""
         request = pb.ImportRecordingRequest(data=data)
-        response = self._call(lambda: self._stub.ImportRecording(request, timeout=self.timeout))
+        response = self._call(lambda: self._stub.ImportRecording(request, **self._options()))
         return _recording_from_proto(response)
 
     def merge_recordings(self, recording_ids: list[str]) -> dict[str, Any]:
         """A new recording of the pages seen in all of ``recording_ids``, in average order.
         Raises RecordingNotFoundError, InvalidArgumentError."""
         request = pb.MergeRecordingsRequest(recording_ids=recording_ids)
-        response = self._call(lambda: self._stub.MergeRecordings(request, timeout=self.timeout))
+        response = self._call(lambda: self._stub.MergeRecordings(request, **self._options()))
         return _recording_from_proto(response)
 
     def delete_recording(self, recording_id: str) -> None:
         """Raises RecordingNotFoundError."""
         request = pb.DeleteRecordingRequest(recording_id=recording_id)
-        self._call(lambda: self._stub.DeleteRecording(request, timeout=self.timeout))
+        self._call(lambda: self._stub.DeleteRecording(request, **self._options()))
 
     def open_firecracker_endpoint(
         self, region: str, socket_path: str, *, record: bool = False, replay: str = ""
@@ -331,7 +415,7 @@ class Client:
             region=region, socket_path=socket_path, record=record, replay=replay
         )
         return _endpoint_from_proto(
-            self._call(lambda: self._stub.OpenFirecrackerEndpoint(request, timeout=self.timeout))
+            self._call(lambda: self._stub.OpenFirecrackerEndpoint(request, **self._options()))
         )
 
     def close_firecracker_endpoint(self, endpoint_id: str) -> dict[str, Any]:
@@ -339,7 +423,7 @@ class Client:
         it was last. Raises EndpointNotFoundError."""
         request = pb.CloseFirecrackerEndpointRequest(endpoint_id=endpoint_id)
         response = self._call(
-            lambda: self._stub.CloseFirecrackerEndpoint(request, timeout=self.timeout)
+            lambda: self._stub.CloseFirecrackerEndpoint(request, **self._options())
         )
         return _endpoint_from_proto(response.endpoint)
 
@@ -347,7 +431,7 @@ class Client:
         """Every open Firecracker endpoint."""
         request = pb.ListFirecrackerEndpointsRequest()
         response = self._call(
-            lambda: self._stub.ListFirecrackerEndpoints(request, timeout=self.timeout)
+            lambda: self._stub.ListFirecrackerEndpoints(request, **self._options())
         )
         return [_endpoint_from_proto(entry) for entry in response.endpoints]
 

@@ -209,6 +209,11 @@ class PermissionDeniedError(RequestError):
     directories (PERMISSION_DENIED)."""
 
 
+class UnauthenticatedError(PermissionDeniedError):
+    """The call carried no credential where the service requires one, or one the service did
+    not issue or has revoked (UNAUTHENTICATED)."""
+
+
 class ServiceUnavailableError(RequestError):
     """The service cannot be reached, or cannot provide that now (UNAVAILABLE)."""
 

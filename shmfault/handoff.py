@@ -26,12 +26,14 @@ from shmfault._abi import Feature
 from shmfault.engine import Attachment, FaultEngine, MappedRange, new_attachment_id
 from shmfault.errors import (
     PermissionDeniedError,
+    QuotaExceededError,
     RecordingNotFoundError,
     RegionNotFoundError,
     ShmfaultError,
     SourceUnavailableError,
     UffdError,
 )
+from shmfault.identity import Identities
 from shmfault.memory import BackingKind, RegionBacking
 from shmfault.modes import (
     FORBIDDEN_FEATURES,
@@ -89,6 +91,17 @@ class _Handshake:
     attachment_id: int = field(default_factory=new_attachment_id)
 
 
+@dataclass
+class _Identified:
+    """An identity connection: its credential lives until the connection ends."""
+
+    connection: socket.socket
+    machine: protocol.ServiceConnection
+    credential: bytes
+    pid: int
+    uid: int
+
+
 class HandoffServer:
     """Accepts attachments on ``listener`` (a bound, listening SOCK_SEQPACKET socket it takes).
 
@@ -110,8 +123,11 @@ class HandoffServer:
         max_attachments_per_uid: int = DEFAULT_MAX_ATTACHMENTS_PER_UID,
         recordings: RecordingStore | None = None,
         reattach_grace: float = DEFAULT_REATTACH_GRACE,
+        identities: Identities | None = None,
     ) -> None:
         self._listener = listener
+        self._identities = identities if identities is not None else Identities()
+        self._identified: dict[int, _Identified] = {}
         self._orphans_expire_at: float | None = (
             time.monotonic() + reattach_grace if store.orphans() else None
         )
@@ -167,6 +183,8 @@ class HandoffServer:
                         self._accept()
                     elif key.data == "wakeup":
                         continue
+                    elif isinstance(key.data, _Identified):
+                        self._receive_identified(key.data)
                     else:
                         self._receive(key.data)
         except Exception:
@@ -174,6 +192,8 @@ class HandoffServer:
         finally:
             for handshake in list(self._pending.values()):
                 self._refuse(handshake, ErrorCode.SHUTTING_DOWN, "the service is stopping")
+            for identified in list(self._identified.values()):
+                self._end_identity(identified)
 
     def _accept(self) -> None:
         while len(self._pending) < MAX_PENDING:
@@ -274,6 +294,8 @@ class HandoffServer:
                 self._attach(handshake, event.attach, event.uffd_fd)
             elif isinstance(event, protocol.ReattachReceived):
                 self._reattach(handshake, event)
+            elif isinstance(event, protocol.IdentifyReceived):
+                self._identify(handshake)
             else:
                 raise _Refusal(ErrorCode.UNEXPECTED, f"unexpected {type(event).__name__}")
         except _Refusal as refusal:
@@ -281,6 +303,55 @@ class HandoffServer:
         except Exception as exc:
             logs.exception(_log, "handshake_crashed", pid=handshake.pid)
             self._refuse(handshake, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    # --- identities (docs/protocol.md §3.7) ---
+
+    def _identify(self, handshake: _Handshake) -> None:
+        try:
+            credential = self._identities.issue(handshake.uid)
+        except QuotaExceededError as exc:
+            raise _Refusal(ErrorCode.LIMIT, str(exc)) from None
+        identified = _Identified(
+            handshake.connection, handshake.machine, credential, handshake.pid, handshake.uid
+        )
+        # No deadline from here on: it is no longer a handshake, and it does not hold one of
+        # the handshake slots.
+        self._pending.pop(handshake.connection.fileno(), None)
+        self._identified[handshake.connection.fileno()] = identified
+        self._selector.modify(handshake.connection, selectors.EVENT_READ, identified)
+        try:
+            _unix.send_packet(
+                handshake.connection, handshake.machine.identity(handshake.uid, credential)
+            )
+        except OSError:
+            self._end_identity(identified)
+            return
+        logs.event(_log, logging.INFO, "identified", uid=handshake.uid, pid=handshake.pid)
+
+    def _receive_identified(self, identified: _Identified) -> None:
+        """The client closed its identity connection (or broke the protocol, since it may send
+        nothing more): the credential is revoked."""
+        try:
+            packet = _unix.recv_packet(identified.connection)
+        except BlockingIOError:
+            return
+        except OSError:
+            packet = None
+        if packet is not None:
+            _unix.close_fds(packet.fds)
+            event = identified.machine.receive(packet.data, (), truncated=packet.truncated)
+            if isinstance(event, protocol.Violation):
+                with contextlib.suppress(OSError):
+                    _unix.send_packet(identified.connection, event.close_reply)
+        self._end_identity(identified)
+
+    def _end_identity(self, identified: _Identified) -> None:
+        self._identities.revoke(identified.credential)
+        self._identified.pop(identified.connection.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(identified.connection)
+        identified.connection.close()
+        logs.event(_log, logging.INFO, "identity_ended", uid=identified.uid, pid=identified.pid)
 
     # --- the two steps ---
 

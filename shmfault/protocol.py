@@ -64,6 +64,10 @@ __all__ = [
     "ErrorReceived",
     "Hello",
     "HelloReceived",
+    "Identify",
+    "IdentifyReceived",
+    "Identity",
+    "IdentityReceived",
     "LocalProtocolError",
     "Message",
     "MessageType",
@@ -110,6 +114,8 @@ READY_BODY = struct.Struct("<Q")
 REATTACH_BODY = struct.Struct("<B3sQQQ")
 #: ERROR's fixed part: code
 ERROR_BODY = struct.Struct("<I")
+#: IDENTITY: uid, reserved u32, credential
+IDENTITY_BODY = struct.Struct("<II32s")
 _STRING_LENGTH = struct.Struct("<H")
 
 _E = TypeVar("_E", bound=enum.IntEnum)
@@ -118,7 +124,7 @@ _U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 class MessageType(enum.IntEnum):
-    """The ``type`` field of the header. 0x09-0x0F are reserved."""
+    """The ``type`` field of the header. 0x0B-0x0F are reserved."""
 
     HELLO = 0x01
     WELCOME = 0x02
@@ -128,6 +134,8 @@ class MessageType(enum.IntEnum):
     DETACHED = 0x06
     ERROR = 0x07
     REATTACH = 0x08
+    IDENTIFY = 0x09
+    IDENTITY = 0x0A
 
 
 class ErrorCode(enum.IntEnum):
@@ -245,7 +253,37 @@ class Reattach:
     region_offset: int = 0
 
 
-Message = Hello | Welcome | Attach | Ready | Detach | Detached | ErrorMessage | Reattach
+@dataclass(frozen=True, slots=True)
+class Identify:
+    """Client → service, no fds, empty body: the first and only message of an identity
+    connection. The service answers IDENTITY."""
+
+    message_type: ClassVar[MessageType] = MessageType.IDENTIFY
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Service → client, no fds: ``credential`` stands for ``uid`` (the connection's
+    SO_PEERCRED uid) on gRPC calls for as long as this connection stays open."""
+
+    message_type: ClassVar[MessageType] = MessageType.IDENTITY
+
+    uid: int
+    credential: bytes
+
+
+Message = (
+    Hello
+    | Welcome
+    | Attach
+    | Ready
+    | Detach
+    | Detached
+    | ErrorMessage
+    | Reattach
+    | Identify
+    | Identity
+)
 
 
 def _carries_region_fd(mode: Mode) -> bool:
@@ -372,7 +410,11 @@ def encode(message: Message) -> bytes:
                 + _string("region_id", message.region_id, 1, MAX_REGION_ID)
                 + _string("attach_token", message.attach_token, 1, MAX_TOKEN)
             )
-        case Detach() | Detached():
+        case Identity():
+            if not isinstance(message.credential, bytes) or len(message.credential) != 32:
+                raise LocalProtocolError("IDENTITY credential is not 32 bytes")
+            body = IDENTITY_BODY.pack(_uint("uid", message.uid, _U32), 0, message.credential)
+        case Detach() | Detached() | Identify():
             body = b""
         case ErrorMessage():
             body = ERROR_BODY.pack(_enum("code", message.code, ErrorCode).value) + _string(
@@ -547,6 +589,19 @@ def _decode_detached(reader: _Reader) -> Detached:
     return Detached()
 
 
+def _decode_identify(reader: _Reader) -> Identify:
+    reader.end()
+    return Identify()
+
+
+def _decode_identity(reader: _Reader) -> Identity:
+    uid, reserved, credential = reader.fixed(IDENTITY_BODY)
+    _reserved(reader.kind, reserved)
+    reader.end()
+    assert isinstance(credential, bytes)
+    return Identity(uid=_int(uid), credential=credential)
+
+
 def _decode_error(reader: _Reader) -> ErrorMessage:
     code = _int(reader.fixed(ERROR_BODY)[0])
     try:
@@ -567,6 +622,8 @@ _DECODERS: dict[MessageType, Callable[[_Reader], Message]] = {
     MessageType.DETACHED: _decode_detached,
     MessageType.ERROR: _decode_error,
     MessageType.REATTACH: _decode_reattach,
+    MessageType.IDENTIFY: _decode_identify,
+    MessageType.IDENTITY: _decode_identity,
 }
 
 
@@ -638,6 +695,8 @@ class ServiceState(enum.Enum):
     SEND_READY = "SEND_READY"  # ATTACH received: answer READY or ERROR
     ATTACHED = "ATTACHED"
     SEND_DETACHED = "SEND_DETACHED"  # DETACH received: answer DETACHED
+    SEND_IDENTITY = "SEND_IDENTITY"  # IDENTIFY received: answer IDENTITY or ERROR
+    IDENTIFIED = "IDENTIFIED"  # the credential lives until the connection ends
     CLOSED = "CLOSED"
 
 
@@ -647,6 +706,7 @@ _S = ServiceState
 SERVICE_RECEIVES: dict[tuple[ServiceState, MessageType], ServiceState] = {
     (_S.AWAIT_HELLO, MessageType.HELLO): _S.SEND_WELCOME,
     (_S.AWAIT_HELLO, MessageType.REATTACH): _S.SEND_READY,
+    (_S.AWAIT_HELLO, MessageType.IDENTIFY): _S.SEND_IDENTITY,
     (_S.AWAIT_ATTACH, MessageType.ATTACH): _S.SEND_READY,
     (_S.ATTACHED, MessageType.DETACH): _S.SEND_DETACHED,
 }
@@ -656,6 +716,7 @@ SERVICE_SENDS: dict[tuple[ServiceState, MessageType], ServiceState] = {
     (_S.SEND_WELCOME, MessageType.WELCOME): _S.AWAIT_ATTACH,
     (_S.SEND_READY, MessageType.READY): _S.ATTACHED,
     (_S.SEND_DETACHED, MessageType.DETACHED): _S.CLOSED,
+    (_S.SEND_IDENTITY, MessageType.IDENTITY): _S.IDENTIFIED,
     **{(state, MessageType.ERROR): _S.CLOSED for state in ServiceState if state is not _S.CLOSED},
 }
 
@@ -679,6 +740,12 @@ class AttachReceived:
 
     attach: Attach
     uffd_fd: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class IdentifyReceived:
+    """The client asked for a credential: answer :meth:`ServiceConnection.identity` (or
+    ``error``), then keep the connection until it ends, and revoke the credential then."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -711,7 +778,14 @@ class ReattachReceived:
     region_fd: int | None
 
 
-ServiceEvent = HelloReceived | AttachReceived | ReattachReceived | DetachRequested | Violation
+ServiceEvent = (
+    HelloReceived
+    | AttachReceived
+    | ReattachReceived
+    | IdentifyReceived
+    | DetachRequested
+    | Violation
+)
 
 
 class ServiceConnection:
@@ -793,6 +867,8 @@ class ServiceConnection:
             case Reattach():
                 self._reattach = message
                 event = ReattachReceived(message, fds[0], fds[1] if len(fds) > 1 else None)
+            case Identify():
+                event = IdentifyReceived()
             case _:
                 event = DetachRequested()
         self._state = next_state
@@ -830,6 +906,14 @@ class ServiceConnection:
                 f"READY attachment_id {attachment_id} is not the WELCOME's {self.attachment_id}"
             )
         packet = encode(Ready(attachment_id))
+        self._state = next_state
+        return packet
+
+    def identity(self, uid: int, credential: bytes) -> bytes:
+        """The IDENTITY packet answering IDENTIFY; the connection is then IDENTIFIED, and
+        receives nothing more. LocalProtocolError outside SEND_IDENTITY."""
+        next_state = self._sends(MessageType.IDENTITY)
+        packet = encode(Identity(uid, credential))
         self._state = next_state
         return packet
 
@@ -896,6 +980,8 @@ class ClientState(enum.Enum):
     AWAIT_READY = "AWAIT_READY"
     ATTACHED = "ATTACHED"
     AWAIT_DETACHED = "AWAIT_DETACHED"
+    AWAIT_IDENTITY = "AWAIT_IDENTITY"
+    IDENTIFIED = "IDENTIFIED"  # keep the connection open while the credential is in use
     CLOSED = "CLOSED"
 
 
@@ -905,6 +991,7 @@ _C = ClientState
 CLIENT_SENDS: dict[tuple[ClientState, MessageType], ClientState] = {
     (_C.SEND_HELLO, MessageType.HELLO): _C.AWAIT_WELCOME,
     (_C.SEND_HELLO, MessageType.REATTACH): _C.AWAIT_READY,
+    (_C.SEND_HELLO, MessageType.IDENTIFY): _C.AWAIT_IDENTITY,
     (_C.SEND_ATTACH, MessageType.ATTACH): _C.AWAIT_READY,
     (_C.ATTACHED, MessageType.DETACH): _C.AWAIT_DETACHED,
 }
@@ -914,6 +1001,7 @@ CLIENT_RECEIVES: dict[tuple[ClientState, MessageType], ClientState] = {
     (_C.AWAIT_WELCOME, MessageType.WELCOME): _C.SEND_ATTACH,
     (_C.AWAIT_READY, MessageType.READY): _C.ATTACHED,
     (_C.AWAIT_DETACHED, MessageType.DETACHED): _C.CLOSED,
+    (_C.AWAIT_IDENTITY, MessageType.IDENTITY): _C.IDENTIFIED,
     **{(state, MessageType.ERROR): _C.CLOSED for state in ClientState if state is not _C.CLOSED},
 }
 
@@ -947,7 +1035,16 @@ class DetachedReceived:
     """The service no longer serves the range. The connection is CLOSED."""
 
 
-ClientEvent = WelcomeReceived | ReadyReceived | ErrorReceived | DetachedReceived
+@dataclass(frozen=True, slots=True)
+class IdentityReceived:
+    """The service's IDENTITY: present ``credential`` on gRPC calls while the connection stays
+    open."""
+
+    uid: int
+    credential: bytes
+
+
+ClientEvent = WelcomeReceived | ReadyReceived | ErrorReceived | DetachedReceived | IdentityReceived
 
 
 class ClientConnection:
@@ -1006,6 +1103,14 @@ class ClientConnection:
         LocalProtocolError outside SEND_ATTACH."""
         next_state = self._sends(MessageType.ATTACH)
         packet = encode(attach)
+        self._state = next_state
+        return packet
+
+    def identify(self) -> bytes:
+        """The IDENTIFY packet (no fds), the first of an identity connection.
+        LocalProtocolError outside SEND_HELLO."""
+        next_state = self._sends(MessageType.IDENTIFY)
+        packet = encode(Identify())
         self._state = next_state
         return packet
 
@@ -1069,6 +1174,8 @@ class ClientConnection:
                 event = ReadyReceived(message.attachment_id)
             case ErrorMessage():
                 event = ErrorReceived(message.code, message.message)
+            case Identity():
+                event = IdentityReceived(message.uid, message.credential)
             case _:
                 event = DetachedReceived()
         self._state = next_state

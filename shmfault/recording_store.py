@@ -199,6 +199,14 @@ class RecordingStore:
             raise InvalidArgumentError(f"not a recording: {exc}", "data") from None
         return self.save(made)
 
+    def region_of(self, data: bytes) -> str:
+        """The region id a recording file names. Raises InvalidArgumentError when it does not
+        decode."""
+        try:
+            return recording.decode(data).region_id
+        except RecordingFormatError as exc:
+            raise InvalidArgumentError(f"not a recording: {exc}", "data") from None
+
     def merge(self, recording_ids: Sequence[str]) -> RecordingInfo:
         """A new recording of the pages seen in all of ``recording_ids``, in their average
         order (:func:`shmfault.recording.merge`)."""

@@ -44,6 +44,7 @@ from shmfault.engine import SERVICE_STOPPING, Attachment, FaultEngine
 from shmfault.firecracker import FirecrackerEndpoints
 from shmfault.firecracker import Limits as EndpointLimits
 from shmfault.handoff import HandoffServer
+from shmfault.identity import Identities
 from shmfault.recording_store import RecordingStore
 from shmfault.store import Limits, RegionStore, parse_size
 
@@ -122,6 +123,10 @@ class ServerConfig:
     max_region_bytes: int = DEFAULT_LIMITS.max_region_bytes
     max_total_bytes: int = DEFAULT_LIMITS.max_total_bytes
     max_regions: int = DEFAULT_LIMITS.max_regions
+    max_regions_per_uid: int = DEFAULT_LIMITS.max_regions_per_uid
+    max_bytes_per_uid: int = DEFAULT_LIMITS.max_bytes_per_uid
+    # Refuse gRPC calls without a credential (docs/security.md §3.1).
+    require_identity: bool = False
     shm_prefix: str = "shmfault"
     source_roots: tuple[str, ...] = ()
     log_format: str = "kv"
@@ -191,10 +196,16 @@ class ServerConfig:
     @property
     def limits(self) -> Limits:
         """The store limits this config sets."""
-        return Limits(self.max_region_bytes, self.max_total_bytes, self.max_regions)
+        return Limits(
+            self.max_region_bytes,
+            self.max_total_bytes,
+            self.max_regions,
+            self.max_regions_per_uid,
+            self.max_bytes_per_uid,
+        )
 
 
-_SIZE_KEYS = {"max_region_bytes", "max_total_bytes"}
+_SIZE_KEYS = {"max_region_bytes", "max_total_bytes", "max_bytes_per_uid"}
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -455,6 +466,7 @@ class Server:
         )
         self.engine.start()
         report = self.capabilities()
+        self.identities = Identities()
         self.handoff = HandoffServer(
             _unix.listen_seqpacket(config.handoff_socket),
             self.store,
@@ -466,6 +478,7 @@ class Server:
             max_attachments_per_uid=config.max_attachments_per_uid,
             recordings=self.recordings,
             reattach_grace=config.reattach_grace,
+            identities=self.identities,
         )
         self.handoff.start()
         self.firecracker = FirecrackerEndpoints(
@@ -489,7 +502,14 @@ class Server:
         )
         shmfault_pb2_grpc.add_ShmfaultServicer_to_server(
             ShmfaultService(
-                self.store, self.capabilities, self.engine, self.firecracker, self.recordings
+                self.store,
+                self.capabilities,
+                self.engine,
+                self.firecracker,
+                self.recordings,
+                identities=self.identities,
+                require_identity=config.require_identity,
+                handoff_socket=config.handoff_socket,
             ),
             server,
         )

@@ -18,6 +18,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from shmfault import errors, store
+from shmfault.identity import CREDENTIAL_METADATA_KEY, Caller, Identities
 from shmfault.memory import BackingKind
 from shmfault.recording_store import RecordingInfo, RecordingStore
 from shmfault.v1 import shmfault_pb2 as pb
@@ -43,6 +44,7 @@ STATUS_OF: dict[type[errors.RequestError], grpc.StatusCode] = {
     errors.HugePagesUnavailableError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.RegionBusyError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SourceUnavailableError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     errors.ServiceUnavailableError: grpc.StatusCode.UNAVAILABLE,
     errors.ServiceInternalError: grpc.StatusCode.INTERNAL,
@@ -57,7 +59,7 @@ DEFAULT_CLASS_OF: dict[grpc.StatusCode, type[errors.RequestError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.QuotaExceededError,
     grpc.StatusCode.FAILED_PRECONDITION: errors.RegionBusyError,
     grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDeniedError,
-    grpc.StatusCode.UNAUTHENTICATED: errors.PermissionDeniedError,
+    grpc.StatusCode.UNAUTHENTICATED: errors.UnauthenticatedError,
     grpc.StatusCode.UNAVAILABLE: errors.ServiceUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.ServiceUnavailableError,
     grpc.StatusCode.CANCELLED: errors.ServiceUnavailableError,
@@ -199,6 +201,7 @@ def region_to_proto(region: store.Region) -> pb.Region:
         allocated_bytes=region.allocated_bytes,
         attachments=region.attachments,
         content_reset=region.content_reset,
+        owner_uid=region.owner_uid,
     )
 
 
@@ -220,6 +223,7 @@ def region_from_proto(message: pb.Region, attach_token: str = "") -> store.Regio
         attachments=message.attachments,
         content_reset=message.content_reset,
         attach_token=attach_token,
+        owner_uid=message.owner_uid if message.HasField("owner_uid") else None,
     )
 
 
@@ -303,12 +307,71 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
         attachments: Attachments | None = None,
         firecracker: FirecrackerEndpoints | None = None,
         recordings: RecordingStore | None = None,
+        identities: Identities | None = None,
+        require_identity: bool = False,
+        handoff_socket: str = "",
     ) -> None:
         self._store = regions
+        self._identities = identities if identities is not None else Identities()
+        self._require_identity = require_identity
+        self._handoff_socket = handoff_socket
         self._capabilities = capabilities
         self._attachments = attachments
         self._firecracker = firecracker
         self._recordings = recordings
+
+    # -- who is calling, and what they may use (docs/security.md §3.1) ---------------------
+
+    def _caller(self, context: grpc.ServicerContext, *, anonymous_ok: bool = False) -> Caller:
+        """The caller of this call, from its ``shmfault-credential`` metadata. Raises
+        UnauthenticatedError for a credential not issued here (or revoked), and for no
+        credential where the service requires one (unless ``anonymous_ok``)."""
+        presented = [
+            value
+            for key, value in context.invocation_metadata() or ()
+            if key == CREDENTIAL_METADATA_KEY
+        ]
+        if not presented:
+            if self._require_identity and not anonymous_ok:
+                raise errors.UnauthenticatedError(
+                    "this service requires a credential on every call: identify on its "
+                    f"handoff socket {self._handoff_socket} (docs/protocol.md §3.7)"
+                )
+            return Caller(None)
+        text = presented[-1]
+        try:
+            credential = bytes.fromhex(text if isinstance(text, str) else text.decode())
+        except (ValueError, UnicodeDecodeError):
+            credential = b""
+        uid = self._identities.uid_of(credential)
+        if uid is None:
+            raise errors.UnauthenticatedError(
+                "the credential is not one this service issued, or its identity connection "
+                "has closed: identify again"
+            )
+        return Caller.of(uid)
+
+    def _region(self, caller: Caller, ref: str, field: str = "region") -> store.Region:
+        """Region ``ref`` if ``caller`` may use it. PermissionDeniedError otherwise."""
+        try:
+            region = self._store.get(ref)
+        except errors.RequestError as exc:
+            if field == exc.field:
+                raise
+            raise type(exc)(str(exc), field) from None
+        _check_use(caller, region.owner_uid, f"region {region.id}", field)
+        return region
+
+    def _visible(self, caller: Caller) -> Callable[[store.Region], bool]:
+        return lambda region: caller.may_use(region.owner_uid)
+
+    def _region_owner(self, region_id: str) -> int | None:
+        """The owner of ``region_id``; a region that no longer exists is treated as owned by
+        the service (only admins may see what was left of it)."""
+        try:
+            return self._store.get(region_id).owner_uid
+        except errors.RegionNotFoundError:
+            return _GONE
 
     def _recording_store(self) -> RecordingStore:
         if self._recordings is None:
@@ -320,13 +383,20 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> pb.CreateRegionResponse:
         """See the proto."""
         try:
+            caller = self._caller(context)
+            source = source_from_proto(request.source)
+            if source.kind is store.SourceKind.REGION:
+                # Cloning reads the source region: only for those who may read it.
+                self._region(caller, source.region, "source.region")
             region = self._store.create(
                 request.size,
                 backing=backing_from_proto(request.backing),
-                source=source_from_proto(request.source),
+                source=source,
                 name=request.name,
                 labels=dict(request.labels),
                 fill_policy=fill_policy_from_proto(request.fill_policy),
+                owner_uid=caller.uid,
+                per_uid_limits=not caller.admin,
             )
             return pb.CreateRegionResponse(
                 region=region_to_proto(region), attach_token=region.attach_token
@@ -337,7 +407,7 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     def GetRegion(self, request: pb.GetRegionRequest, context: grpc.ServicerContext) -> pb.Region:
         """See the proto."""
         try:
-            return region_to_proto(self._store.get(request.region))
+            return region_to_proto(self._region(self._caller(context), request.region))
         except Exception as exc:
             _abort(context, "GetRegion", exc)
 
@@ -347,7 +417,10 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
         """See the proto."""
         try:
             regions, next_token = self._store.list(
-                dict(request.labels), request.page_size, request.page_token
+                dict(request.labels),
+                request.page_size,
+                request.page_token,
+                visible=self._visible(self._caller(context)),
             )
             return pb.ListRegionsResponse(
                 regions=[region_to_proto(r) for r in regions], next_page_token=next_token
@@ -360,6 +433,7 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> pb.DeleteRegionResponse:
         """See the proto."""
         try:
+            self._region(self._caller(context), request.region)
             if request.force and self._firecracker is not None:
                 # Before the attachments end: no endpoint may add one behind end_region.
                 self._firecracker.close_region(self._store.get(request.region).id)
@@ -381,6 +455,7 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
         written = 0
         region = ""
         try:
+            caller = self._caller(context)
             for chunk in request_iterator:
                 if not region:
                     region = chunk.region
@@ -388,6 +463,7 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
                         raise errors.InvalidArgumentError(
                             "the first WriteRegion message must name the region", "region"
                         )
+                    self._region(caller, region)
                 elif chunk.region and chunk.region != region:
                     raise errors.InvalidArgumentError(
                         f"WriteRegion stream for {region!r} names another region {chunk.region!r}",
@@ -406,6 +482,7 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> Iterator[pb.ReadRegionResponse]:
         """See the proto. Streams pieces of at most 1 MiB."""
         try:
+            self._region(self._caller(context), request.region)
             for offset, data in self._store.read(request.region, request.offset, request.length):
                 yield pb.ReadRegionResponse(offset=offset, data=data)
         except Exception as exc:
@@ -416,8 +493,14 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> pb.GetCapabilitiesResponse:
         """See the proto. The report is the one taken at startup, not a new probe."""
         try:
+            caller = self._caller(context, anonymous_ok=True)
             report = self._capabilities()
-            return pb.GetCapabilitiesResponse(capabilities_json=json.dumps(report))
+            return pb.GetCapabilitiesResponse(
+                capabilities_json=json.dumps(report),
+                handoff_socket=self._handoff_socket,
+                identity_required=self._require_identity,
+                caller_uid=caller.uid,
+            )
         except Exception as exc:
             _abort(context, "GetCapabilities", exc)
 
@@ -426,11 +509,13 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> pb.IssueAttachTokenResponse:
         """See the proto."""
         try:
-            region = self._store.get(request.region)
+            caller = self._caller(context)
+            region = self._region(caller, request.region)
             if request.replay:
                 # Checked now so that a wrong id fails here, with a status, rather than at
                 # the handshake; the handoff checks again (it may be deleted in between).
                 replayed = self._recording_store().info(request.replay)
+                self._check_recording(caller, replayed)
                 if (replayed.page_size, replayed.region_size) != (region.page_size, region.size):
                     raise errors.InvalidArgumentError(
                         f"recording {request.replay} is of a region of {replayed.region_size} "
@@ -451,8 +536,11 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> pb.GetStatsResponse:
         """See the proto."""
         try:
-            region_id = self._store.get(request.region).id if request.region else None
+            caller = self._caller(context)
+            region_id = self._region(caller, request.region).id if request.region else None
             entries = [] if self._attachments is None else self._attachments.attachments(region_id)
+            if region_id is None and not caller.admin:
+                entries = [e for e in entries if caller.may_use(self._region_owner(e["region_id"]))]
             return pb.GetStatsResponse(attachments=[attachment_to_proto(e) for e in entries])
         except Exception as exc:
             _abort(context, "GetStats", exc)
@@ -462,7 +550,12 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> pb.ListRecordingsResponse:
         """See the proto."""
         try:
-            found = self._recording_store().list(request.region_id)
+            caller = self._caller(context)
+            found = [
+                info
+                for info in self._recording_store().list(request.region_id)
+                if caller.may_use(self._region_owner(info.region_id))
+            ]
             return pb.ListRecordingsResponse(recordings=[recording_to_proto(i) for i in found])
         except Exception as exc:
             _abort(context, "ListRecordings", exc)
@@ -472,9 +565,11 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> pb.GetRecordingResponse:
         """See the proto."""
         try:
+            caller = self._caller(context)
             recordings = self._recording_store()
-            data = recordings.export(request.recording_id)
             info = recordings.info(request.recording_id)
+            self._check_recording(caller, info)
+            data = recordings.export(request.recording_id)
             return pb.GetRecordingResponse(recording=recording_to_proto(info), data=data)
         except Exception as exc:
             _abort(context, "GetRecording", exc)
@@ -484,7 +579,15 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> pb.Recording:
         """See the proto."""
         try:
-            return recording_to_proto(self._recording_store().import_(request.data))
+            caller = self._caller(context)
+            recordings = self._recording_store()
+            _check_use(
+                caller,
+                self._region_owner(recordings.region_of(request.data)),
+                "the region of that recording",
+                "data",
+            )
+            return recording_to_proto(recordings.import_(request.data))
         except Exception as exc:
             _abort(context, "ImportRecording", exc)
 
@@ -493,7 +596,11 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> pb.Recording:
         """See the proto."""
         try:
-            merged = self._recording_store().merge(list(request.recording_ids))
+            caller = self._caller(context)
+            recordings = self._recording_store()
+            for recording_id in request.recording_ids:
+                self._check_recording(caller, recordings.info(recording_id))
+            merged = recordings.merge(list(request.recording_ids))
             return recording_to_proto(merged)
         except Exception as exc:
             _abort(context, "MergeRecordings", exc)
@@ -503,7 +610,10 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> pb.DeleteRecordingResponse:
         """See the proto."""
         try:
-            self._recording_store().delete(request.recording_id)
+            caller = self._caller(context)
+            recordings = self._recording_store()
+            self._check_recording(caller, recordings.info(request.recording_id))
+            recordings.delete(request.recording_id)
             return pb.DeleteRecordingResponse()
         except Exception as exc:
             _abort(context, "DeleteRecording", exc)
@@ -513,6 +623,7 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> pb.FirecrackerEndpoint:
         """See the proto."""
         try:
+            self._region(self._caller(context), request.region)
             opened = self._endpoints().open(
                 request.region, request.socket_path, record=request.record, replay=request.replay
             )
@@ -525,7 +636,17 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> pb.CloseFirecrackerEndpointResponse:
         """See the proto."""
         try:
-            info = self._endpoints().close(request.endpoint_id)
+            caller = self._caller(context)
+            endpoints = self._endpoints()
+            for listed in endpoints.list():
+                if listed.id == request.endpoint_id:
+                    _check_use(
+                        caller,
+                        self._region_owner(listed.region_id),
+                        f"endpoint {listed.id}",
+                        "endpoint_id",
+                    )
+            info = endpoints.close(request.endpoint_id)
             return pb.CloseFirecrackerEndpointResponse(endpoint=endpoint_to_proto(info))
         except Exception as exc:
             _abort(context, "CloseFirecrackerEndpoint", exc)
@@ -535,16 +656,41 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> pb.ListFirecrackerEndpointsResponse:
         """See the proto."""
         try:
+            caller = self._caller(context)
             return pb.ListFirecrackerEndpointsResponse(
-                endpoints=[endpoint_to_proto(info) for info in self._endpoints().list()]
+                endpoints=[
+                    endpoint_to_proto(info)
+                    for info in self._endpoints().list()
+                    if caller.may_use(self._region_owner(info.region_id))
+                ]
             )
         except Exception as exc:
             _abort(context, "ListFirecrackerEndpoints", exc)
+
+    def _check_recording(self, caller: Caller, info: RecordingInfo) -> None:
+        _check_use(
+            caller,
+            self._region_owner(info.region_id),
+            f"recording {info.recording_id}",
+            "recording_id",
+        )
 
     def _endpoints(self) -> FirecrackerEndpoints:
         if self._firecracker is None:
             raise errors.ServiceUnavailableError("this service has no Firecracker endpoints")
         return self._firecracker
+
+
+#: The owner of something whose region is gone: nobody's uid, so only admins pass.
+_GONE = -1
+
+
+def _check_use(caller: Caller, owner_uid: int | None, what: str, field: str) -> None:
+    if not caller.may_use(owner_uid):
+        whose = "a region that no longer exists" if owner_uid == _GONE else f"uid {owner_uid}"
+        raise errors.PermissionDeniedError(
+            f"{what} belongs to {whose}; {caller.describe()} may not use it", field
+        )
 
 
 def endpoint_to_proto(info: EndpointInfo) -> pb.FirecrackerEndpoint:

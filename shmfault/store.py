@@ -33,7 +33,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -163,6 +163,9 @@ class Region:
     content_reset: bool = False
     #: Single-use attach secret: set only on the Region that creation returns.
     attach_token: str = ""
+    #: The uid that created it (docs/security.md §3.1); None: created anonymously, or before
+    #: regions had owners, and anyone may use it.
+    owner_uid: int | None = None
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-able dict (the CLI's ``--json`` form)."""
@@ -189,6 +192,7 @@ class Region:
             "allocated_bytes": self.allocated_bytes,
             "attachments": self.attachments,
             "content_reset": self.content_reset,
+            "owner_uid": self.owner_uid,
             **({"attach_token": self.attach_token} if self.attach_token else {}),
         }
 
@@ -201,10 +205,20 @@ class Limits:
     max_region_bytes: int = 64 * GiB
     max_total_bytes: int = 256 * GiB
     max_regions: int = 10_000
+    #: Per owner (a uid, or all anonymous callers together); callers exempt from them (root
+    #: and the service's own uid) are held to the totals only.
+    max_regions_per_uid: int = 1024
+    max_bytes_per_uid: int = 64 * GiB
 
     def check(self) -> None:
         """Raise InvalidArgumentError unless every limit is positive and representable."""
-        for name in ("max_region_bytes", "max_total_bytes", "max_regions"):
+        for name in (
+            "max_region_bytes",
+            "max_total_bytes",
+            "max_regions",
+            "max_regions_per_uid",
+            "max_bytes_per_uid",
+        ):
             value = getattr(self, name)
             if not 0 < value <= MAX_SIZE:
                 raise InvalidArgumentError(f"limit {name} must be in 1..{MAX_SIZE}: {value}", name)
@@ -389,7 +403,8 @@ CREATE TABLE IF NOT EXISTS regions (
     fill_policy   TEXT NOT NULL,
     labels        TEXT NOT NULL,
     created       REAL NOT NULL,
-    state         TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'deleting'))
+    state         TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'deleting')),
+    owner_uid     INTEGER
 )
 """
 #: Attachments a restarted service lets their clients re-attach (docs/protocol.md, REATTACH):
@@ -460,6 +475,8 @@ class RegionStore:
         self._names: dict[str, str] = {}
         self._reserved_bytes = 0
         self._reserved_count = 0
+        #: owner uid (None: anonymous) -> [regions, bytes] reserved, for the per-uid limits
+        self._reserved_by_owner: dict[int | None, list[int]] = {}
         #: persisted attachments of a previous run not re-attached yet, and those of this run
         self._orphans: dict[bytes, AttachmentRecord] = {}
         self._live_records: set[bytes] = set()
@@ -483,6 +500,10 @@ class RegionStore:
         with self._transaction():
             self._db.execute(_SCHEMA)
             self._db.execute(_ATTACHMENTS_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(regions)")}
+            if "owner_uid" not in columns:
+                # Added in place to an older database: its regions have no owner.
+                self._db.execute("ALTER TABLE regions ADD COLUMN owner_uid INTEGER")
             self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
         self._restore()
 
@@ -616,8 +637,14 @@ class RegionStore:
         name: str = "",
         labels: Mapping[str, str] | None = None,
         fill_policy: FillPolicy = FillPolicy.LAZY,
+        owner_uid: int | None = None,
+        per_uid_limits: bool = True,
     ) -> Region:
         """Create a region and return it with a fresh single-use ``attach_token``.
+
+        ``owner_uid`` becomes its owner (None: nobody in particular). ``per_uid_limits``
+        counts it against its owner's ``max_regions_per_uid`` and ``max_bytes_per_uid`` (the
+        caller decides who is exempt); the totals hold for everyone.
 
         Sizes are refused, never rounded, unless a non-zero multiple of the backing's page
         size. Limits are checked before anything is allocated. Blocks for the eager fill
@@ -661,6 +688,8 @@ class RegionStore:
                     f"regions exceeds the limit max_total_bytes {self.limits.max_total_bytes}",
                     "size",
                 )
+            if per_uid_limits:
+                self._check_owner_limits(owner_uid, size)
             if name and name in self._names:
                 raise AlreadyExistsError(
                     f"name {name!r} is taken by region {self._names[name]}", "name"
@@ -668,8 +697,7 @@ class RegionStore:
             content, stored_source, depends_on = self._content_for(source, size)
             region_id = self._new_id()
             # Reserved under the lock, so concurrent creations cannot together pass a limit.
-            self._reserved_bytes += size
-            self._reserved_count += 1
+            self._reserve(owner_uid, size, +1)
             if name:
                 self._names[name] = region_id
             if depends_on:
@@ -687,6 +715,7 @@ class RegionStore:
             shm_name=shm_name,
             handoff_socket=self.handoff_socket,
             created=time.time(),
+            owner_uid=owner_uid,
         )
         data: RegionBacking | None = None
         try:
@@ -751,8 +780,7 @@ class RegionStore:
         with self._lock:
             with contextlib.suppress(sqlite3.Error), self._transaction() as db:
                 db.execute("DELETE FROM regions WHERE id = ?", (region.id,))
-            self._reserved_bytes -= region.size
-            self._reserved_count -= 1
+            self._reserve(region.owner_uid, region.size, -1)
             if region.name:
                 self._names.pop(region.name, None)
             if depends_on in self._entries:
@@ -761,8 +789,8 @@ class RegionStore:
     def _insert(self, db: sqlite3.Connection, region: Region, state: str) -> None:
         db.execute(
             "INSERT INTO regions (id, name, size, page_size, backing, shm_name, source_kind, "
-            "source_path, source_offset, source_region, fill_policy, labels, created, state) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "source_path, source_offset, source_region, fill_policy, labels, created, state, "
+            "owner_uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 region.id,
                 region.name or None,
@@ -778,6 +806,7 @@ class RegionStore:
                 json.dumps(dict(region.labels), sort_keys=True),
                 region.created,
                 state,
+                region.owner_uid,
             ),
         )
 
@@ -793,10 +822,12 @@ class RegionStore:
         labels: Mapping[str, str] | None = None,
         page_size: int = 0,
         page_token: str = "",
+        visible: Callable[[Region], bool] | None = None,
     ) -> tuple[list[Region], str]:
         """One page of the regions carrying every label of ``labels``, in id order, and the
         token of the next page ("" after the last). ``page_size`` 0 means 100; more than 1000
-        means 1000. Does not block. Raises InvalidArgumentError for a token not issued here."""
+        means 1000. ``visible`` leaves out the regions it says no to (the caller's access).
+        Does not block. Raises InvalidArgumentError for a token not issued here."""
         wanted = dict(labels or {})
         if page_size < 0:
             raise InvalidArgumentError(f"page_size {page_size} is negative", "page_size")
@@ -808,6 +839,7 @@ class RegionStore:
                 for region_id, entry in self._entries.items()
                 if region_id > after
                 and all(entry.region.labels.get(k) == v for k, v in wanted.items())
+                and (visible is None or visible(entry.region))
             )
             entries = [self._entries[i] for i in matching[:limit]]
         page = [self._snapshot(entry) for entry in entries]
@@ -843,8 +875,7 @@ class RegionStore:
                 del self._names[region.name]
             if region.source.kind is SourceKind.REGION and region.source.region in self._entries:
                 self._entries[region.source.region].dependents.discard(region.id)
-            self._reserved_bytes -= region.size
-            self._reserved_count -= 1
+            self._reserve(region.owner_uid, region.size, -1)
         snapshot = replace(self._snapshot(entry), attachments=entry.attachments)
         entry.data.close()
         if region.shm_name:
@@ -1124,8 +1155,8 @@ class RegionStore:
     def _restore_regions(self) -> None:
         rows = self._db.execute(
             "SELECT id, name, size, page_size, backing, shm_name, source_kind, source_path, "
-            "source_offset, source_region, fill_policy, labels, created, state FROM regions "
-            "ORDER BY created, id"
+            "source_offset, source_region, fill_policy, labels, created, state, owner_uid "
+            "FROM regions ORDER BY created, id"
         ).fetchall()
         for row in rows:
             (
@@ -1143,6 +1174,7 @@ class RegionStore:
                 labels,
                 created,
                 state,
+                owner_uid,
             ) = row
             if state != "ready":
                 # A crash interrupted its creation or deletion: finish by removing it.
@@ -1170,6 +1202,7 @@ class RegionStore:
                 shm_name=shm_name,
                 handoff_socket=self.handoff_socket,
                 created=created,
+                owner_uid=owner_uid,
             )
             try:
                 self._restore_one(region)
@@ -1233,8 +1266,32 @@ class RegionStore:
             self._entries[source.region].dependents.add(region.id)
         if region.name:
             self._names[region.name] = region.id
-        self._reserved_bytes += region.size
-        self._reserved_count += 1
+        self._reserve(region.owner_uid, region.size, +1)
+
+    def _reserve(self, owner_uid: int | None, size: int, sign: int) -> None:
+        """Count a region in (``sign`` +1) or out (-1) of the totals; caller holds the lock."""
+        self._reserved_bytes += sign * size
+        self._reserved_count += sign
+        held = self._reserved_by_owner.setdefault(owner_uid, [0, 0])
+        held[0] += sign
+        held[1] += sign * size
+        if not held[0]:
+            del self._reserved_by_owner[owner_uid]
+
+    def _check_owner_limits(self, owner_uid: int | None, size: int) -> None:
+        count, held = self._reserved_by_owner.get(owner_uid, (0, 0))
+        who = "anonymous callers" if owner_uid is None else f"uid {owner_uid}"
+        if count + 1 > self.limits.max_regions_per_uid:
+            raise QuotaExceededError(
+                f"{who} hold {count} regions, the limit max_regions_per_uid is "
+                f"{self.limits.max_regions_per_uid}"
+            )
+        if held + size > self.limits.max_bytes_per_uid:
+            raise QuotaExceededError(
+                f"size {size} on top of the {held} bytes {who} hold exceeds the limit "
+                f"max_bytes_per_uid {self.limits.max_bytes_per_uid}",
+                "size",
+            )
 
     @property
     def count(self) -> int:

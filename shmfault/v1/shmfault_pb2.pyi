@@ -242,6 +242,7 @@ class Region(_message.Message):
     ALLOCATED_BYTES_FIELD_NUMBER: _builtins.int
     ATTACHMENTS_FIELD_NUMBER: _builtins.int
     CONTENT_RESET_FIELD_NUMBER: _builtins.int
+    OWNER_UID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     """Empty when the region has no name."""
@@ -261,6 +262,10 @@ class Region(_message.Message):
     """The content did not survive a restart of the service (memfd and hugetlb backings, or a
     POSIX shm object removed while the service was down): the region was recreated with the
     content of its source, and writes made before that restart are lost.
+    """
+    owner_uid: _builtins.int
+    """The uid that created it, from the caller's credential (docs/security.md §3.1); unset when
+    it was created anonymously, and then any caller may use it.
     """
     @_builtins.property
     def source(self) -> Global___Source: ...
@@ -285,12 +290,15 @@ class Region(_message.Message):
         allocated_bytes: _builtins.int = ...,
         attachments: _builtins.int = ...,
         content_reset: _builtins.bool = ...,
+        owner_uid: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "source", b"source"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid", "created", b"created", "owner_uid", b"owner_uid", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "attachments", b"attachments", "backing", b"backing", "content_reset", b"content_reset", "created", b"created", "fill_policy", b"fill_policy", "handoff_socket", b"handoff_socket", "id", b"id", "labels", b"labels", "name", b"name", "page_size", b"page_size", "shm_name", b"shm_name", "size", b"size", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid", "allocated_bytes", b"allocated_bytes", "attachments", b"attachments", "backing", b"backing", "content_reset", b"content_reset", "created", b"created", "fill_policy", b"fill_policy", "handoff_socket", b"handoff_socket", "id", b"id", "labels", b"labels", "name", b"name", "owner_uid", b"owner_uid", "page_size", b"page_size", "shm_name", b"shm_name", "size", b"size", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__owner_uid: _TypeAlias = _typing.Literal["owner_uid"]  # noqa: Y015
+    _WhichOneofArgType__owner_uid: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__owner_uid) -> _WhichOneofReturnType__owner_uid | None: ...
 
 Global___Region: _TypeAlias = Region  # noqa: Y015
 
@@ -622,20 +630,34 @@ class GetCapabilitiesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CAPABILITIES_JSON_FIELD_NUMBER: _builtins.int
+    HANDOFF_SOCKET_FIELD_NUMBER: _builtins.int
+    IDENTITY_REQUIRED_FIELD_NUMBER: _builtins.int
+    CALLER_UID_FIELD_NUMBER: _builtins.int
     capabilities_json: _builtins.str
     """The JSON document `shmfault probe --json` prints (a JSON string rather than a
     google.protobuf.Struct, whose numbers are doubles: feature masks would lose bits).
     """
+    handoff_socket: _builtins.str
+    """Where clients attach and identify (docs/protocol.md §3.7)."""
+    identity_required: _builtins.bool
+    """Calls without a credential are refused (UNAUTHENTICATED), this one excepted."""
+    caller_uid: _builtins.int
+    """The uid of the credential this call carried; unset for an anonymous call."""
     def __init__(
         self,
         *,
         capabilities_json: _builtins.str = ...,
+        handoff_socket: _builtins.str = ...,
+        identity_required: _builtins.bool = ...,
+        caller_uid: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_caller_uid", b"_caller_uid", "caller_uid", b"caller_uid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities_json", b"capabilities_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_caller_uid", b"_caller_uid", "caller_uid", b"caller_uid", "capabilities_json", b"capabilities_json", "handoff_socket", b"handoff_socket", "identity_required", b"identity_required"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__caller_uid: _TypeAlias = _typing.Literal["caller_uid"]  # noqa: Y015
+    _WhichOneofArgType__caller_uid: _TypeAlias = _typing.Literal["_caller_uid", b"_caller_uid"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__caller_uid) -> _WhichOneofReturnType__caller_uid | None: ...
 
 Global___GetCapabilitiesResponse: _TypeAlias = GetCapabilitiesResponse  # noqa: Y015
 

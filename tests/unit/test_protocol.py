@@ -41,6 +41,10 @@ from shmfault.protocol import (
     ErrorReceived,
     Hello,
     HelloReceived,
+    Identify,
+    IdentifyReceived,
+    Identity,
+    IdentityReceived,
     Message,
     MessageType,
     Mode,
@@ -121,6 +125,8 @@ def welcome_for(mode: Mode, attachment_id: int = ATTACHMENT_ID) -> Welcome:
 HELLO = Hello("region-1", "token-1")
 ATTACH = Attach(base=0x7F00_0000_0000, length=0x10000, region_offset=0)
 REATTACH = Reattach("region-1", "token-1", Mode.SHARED_COPY, 0x7F00_0000_0000, 0x10000, 0)
+CREDENTIAL = bytes(range(32))
+IDENTITY = Identity(1000, CREDENTIAL)
 
 #: one valid message of every type, as a peer would send it
 SAMPLES: dict[MessageType, Message] = {
@@ -132,6 +138,8 @@ SAMPLES: dict[MessageType, Message] = {
     MessageType.DETACHED: Detached(),
     MessageType.ERROR: ErrorMessage(ErrorCode.INTERNAL, "boom"),
     MessageType.REATTACH: REATTACH,
+    MessageType.IDENTIFY: Identify(),
+    MessageType.IDENTITY: IDENTITY,
 }
 
 
@@ -154,6 +162,8 @@ def test_constants_are_the_documents() -> None:
         "DETACHED": 6,
         "ERROR": 7,
         "REATTACH": 8,
+        "IDENTIFY": 9,
+        "IDENTITY": 10,
     }
     assert [(m.value, m.wire_name) for m in Mode] == [
         (1, "shared-copy"),
@@ -287,6 +297,12 @@ GOLDEN: list[tuple[Message, bytes]] = [
         ErrorMessage(ErrorCode.BAD_RANGE, "length 0"),
         b"SHMF\x01\x00\x07\x00\x0e\x00\x00\x00\x00\x00\x00\x00\x07\x00\x00\x00\x08\x00length 0",
     ),
+    (Identify(), b"SHMF\x01\x00\x09\x00\x00\x00\x00\x00\x00\x00\x00\x00"),
+    (
+        Identity(0x3E8, bytes(range(32))),
+        b"SHMF\x01\x00\x0a\x00\x28\x00\x00\x00\x00\x00\x00\x00"
+        b"\xe8\x03\x00\x00\x00\x00\x00\x00" + bytes(range(32)),
+    ),
 ]
 
 
@@ -345,6 +361,14 @@ def test_decoded_fields_have_their_enum_types() -> None:
 # --- malformed input ---
 
 _BAD_PACKETS: list[tuple[str, bytes, ErrorCode, str]] = [
+    (
+        "identity reserved not zero",
+        packet(10, struct.pack("<II", 1, 7) + bytes(32)),
+        ErrorCode.MALFORMED,
+        "IDENTITY reserved field is 0x7, not zero",
+    ),
+    ("identity short", packet(10, bytes(39)), ErrorCode.MALFORMED, "shorter than its 40-byte"),
+    ("identify with a body", packet(9, b"x"), ErrorCode.MALFORMED, "IDENTIFY body has 1 trailing"),
     ("empty", b"", ErrorCode.MALFORMED, "0 bytes, shorter than the 16-byte header"),
     ("short", b"SHMF\x01\x00\x05\x00", ErrorCode.MALFORMED, "8 bytes, shorter"),
     (
@@ -371,7 +395,7 @@ _BAD_PACKETS: list[tuple[str, bytes, ErrorCode, str]] = [
     ),
     ("reserved", packet(5, reserved=1), ErrorCode.MALFORMED, "header reserved field is 0x1"),
     ("type 0", packet(0), ErrorCode.MALFORMED, "type 0x00 is unknown"),
-    ("type 9 (reserved)", packet(9), ErrorCode.MALFORMED, "type 0x09 is unknown"),
+    ("type 11 (reserved)", packet(11), ErrorCode.MALFORMED, "type 0x0b is unknown"),
     ("reattach short", packet(8, bytes(27)), ErrorCode.MALFORMED, "REATTACH body is 27 bytes"),
     (
         "reattach eager",
@@ -620,6 +644,8 @@ _UNENCODABLE: list[tuple[str, object, str]] = [
         ErrorMessage(ErrorCode.INTERNAL, "x" * (MAX_PACKET - 21)),
         "ERROR would be a 4097-byte packet",
     ),
+    ("credential too short", Identity(0, b"x" * 31), "credential is not 32 bytes"),
+    ("uid over u32", Identity(1 << 32, bytes(32)), "uid is 4294967296"),
     ("not a message", "HELLO", "is not a handoff protocol message"),
 ]
 
@@ -642,6 +668,7 @@ def test_service_tables_are_the_documents() -> None:
     receives: dict[tuple[ServiceState, MessageType], ServiceState] = {
         (S.AWAIT_HELLO, MessageType.HELLO): S.SEND_WELCOME,
         (S.AWAIT_HELLO, MessageType.REATTACH): S.SEND_READY,
+        (S.AWAIT_HELLO, MessageType.IDENTIFY): S.SEND_IDENTITY,
         (S.AWAIT_ATTACH, MessageType.ATTACH): S.SEND_READY,
         (S.ATTACHED, MessageType.DETACH): S.SEND_DETACHED,
     }
@@ -649,6 +676,7 @@ def test_service_tables_are_the_documents() -> None:
         (S.SEND_WELCOME, MessageType.WELCOME): S.AWAIT_ATTACH,
         (S.SEND_READY, MessageType.READY): S.ATTACHED,
         (S.SEND_DETACHED, MessageType.DETACHED): S.CLOSED,
+        (S.SEND_IDENTITY, MessageType.IDENTITY): S.IDENTIFIED,
         **{(state, MessageType.ERROR): S.CLOSED for state in S if state is not S.CLOSED},
     }
     assert receives == SERVICE_RECEIVES
@@ -656,8 +684,15 @@ def test_service_tables_are_the_documents() -> None:
 
 
 def service_in(state: ServiceState, mode: Mode = Mode.SHARED_COPY) -> ServiceConnection:
-    """A service connection driven along the successful path until it reaches ``state``."""
+    """A service connection driven along the successful path until it reaches ``state``
+    (the identity path for its two states)."""
     conn = ServiceConnection()
+    if state in (S.SEND_IDENTITY, S.IDENTIFIED):
+        conn.receive(encode(Identify()))
+        if state is S.IDENTIFIED:
+            conn.identity(IDENTITY.uid, IDENTITY.credential)
+        assert conn.state is state
+        return conn
     steps: list[Callable[[], object]] = [
         lambda: conn.receive(encode(HELLO)),
         lambda: conn.welcome(welcome_for(mode)),
@@ -720,6 +755,7 @@ def test_service_receives_every_message_in_every_state(
             MessageType.HELLO: HelloReceived(HELLO),
             MessageType.ATTACH: AttachReceived(ATTACH, FD),
             MessageType.REATTACH: ReattachReceived(REATTACH, FD, FD + 1),
+            MessageType.IDENTIFY: IdentifyReceived(),
             MessageType.DETACH: DetachRequested(),
         }[kind]
         assert event == expected
@@ -730,7 +766,7 @@ def test_service_violation_says_what_it_expected() -> None:
     event = service_in(S.AWAIT_HELLO).receive(encode(ATTACH), [FD])
     assert isinstance(event, Violation)
     assert event.message == (
-        "ATTACH is not allowed in state AWAIT_HELLO (expecting HELLO or REATTACH)"
+        "ATTACH is not allowed in state AWAIT_HELLO (expecting HELLO or REATTACH or IDENTIFY)"
     )
     event = service_in(S.SEND_WELCOME).receive(encode(HELLO))
     assert isinstance(event, Violation)
@@ -823,6 +859,7 @@ _SERVICE_CALLS: dict[MessageType, ServiceCall] = {
     MessageType.READY: lambda conn: conn.ready(ATTACHMENT_ID),
     MessageType.DETACHED: lambda conn: conn.detached(),
     MessageType.ERROR: lambda conn: conn.error(ErrorCode.INTERNAL, "boom"),
+    MessageType.IDENTITY: lambda conn: conn.identity(IDENTITY.uid, IDENTITY.credential),
 }
 
 
@@ -899,6 +936,8 @@ def test_service_error_with_an_unknown_code_changes_nothing() -> None:
         (S.SEND_READY, None),
         (S.ATTACHED, None),
         (S.SEND_DETACHED, None),
+        (S.SEND_IDENTITY, None),
+        (S.IDENTIFIED, None),
         (S.CLOSED, None),
     ],
     ids=lambda v: getattr(v, "name", str(v)),
@@ -933,6 +972,7 @@ def test_client_tables() -> None:
     sends: dict[tuple[ClientState, MessageType], ClientState] = {
         (C.SEND_HELLO, MessageType.HELLO): C.AWAIT_WELCOME,
         (C.SEND_HELLO, MessageType.REATTACH): C.AWAIT_READY,
+        (C.SEND_HELLO, MessageType.IDENTIFY): C.AWAIT_IDENTITY,
         (C.SEND_ATTACH, MessageType.ATTACH): C.AWAIT_READY,
         (C.ATTACHED, MessageType.DETACH): C.AWAIT_DETACHED,
     }
@@ -940,6 +980,7 @@ def test_client_tables() -> None:
         (C.AWAIT_WELCOME, MessageType.WELCOME): C.SEND_ATTACH,
         (C.AWAIT_READY, MessageType.READY): C.ATTACHED,
         (C.AWAIT_DETACHED, MessageType.DETACHED): C.CLOSED,
+        (C.AWAIT_IDENTITY, MessageType.IDENTITY): C.IDENTIFIED,
         **{(state, MessageType.ERROR): C.CLOSED for state in C if state is not C.CLOSED},
     }
     assert sends == CLIENT_SENDS
@@ -993,8 +1034,15 @@ def test_reattach_is_only_the_first_message() -> None:
 
 
 def client_in(state: ClientState, mode: Mode = Mode.SHARED_COPY) -> ClientConnection:
-    """A client connection driven along the successful path until it reaches ``state``."""
+    """A client connection driven along the successful path until it reaches ``state``
+    (the identity path for its two states)."""
     conn = ClientConnection()
+    if state in (C.AWAIT_IDENTITY, C.IDENTIFIED):
+        conn.identify()
+        if state is C.IDENTIFIED:
+            conn.receive(encode(IDENTITY))
+        assert conn.state is state
+        return conn
     steps: list[Callable[[], object]] = [
         lambda: conn.hello(HELLO),
         lambda: conn.receive(
@@ -1057,6 +1105,7 @@ def test_client_receives_every_message_in_every_state(
             MessageType.READY: ReadyReceived(ATTACHMENT_ID),
             MessageType.DETACHED: DetachedReceived(),
             MessageType.ERROR: ErrorReceived(ErrorCode.INTERNAL, "boom"),
+            MessageType.IDENTITY: IdentityReceived(IDENTITY.uid, CREDENTIAL),
         }[kind]
         assert event == expected
         assert conn.state is next_state
@@ -1067,6 +1116,7 @@ _CLIENT_CALLS: dict[MessageType, ClientCall] = {
     MessageType.HELLO: lambda conn: conn.hello(HELLO),
     MessageType.ATTACH: lambda conn: conn.attach(ATTACH),
     MessageType.DETACH: lambda conn: conn.detach(),
+    MessageType.IDENTIFY: lambda conn: conn.identify(),
 }
 
 
@@ -1248,7 +1298,7 @@ def _mutate(rng: random.Random, raw: bytes) -> bytes:
         elif choice == 4 and len(data) > HEADER.size:
             data.insert(rng.randrange(HEADER.size, len(data)), rng.randrange(256))
         else:
-            data[6:8] = struct.pack("<H", rng.randint(0, 9))
+            data[6:8] = struct.pack("<H", rng.randint(0, 11))
         if len(data) >= HEADER.size and rng.random() < 0.8:
             data[8:12] = struct.pack("<I", len(data) - HEADER.size)
     return bytes(data)
@@ -1307,8 +1357,8 @@ def test_fuzzed_packets_give_the_machines_only_protocol_outcomes() -> None:
             assert service.state is S.CLOSED
         else:
             # An accepted message took exactly the fds it carries, no more, none left over.
-            held = getattr(event, "uffd_fd", None)
-            assert fds == ([held] if held is not None else [])
+            held = [getattr(event, name, None) for name in ("uffd_fd", "region_fd")]
+            assert fds == [fd for fd in held if fd is not None]
 
         client = client_in(rng.choice(client_states), mode)
         outcome = _outcome(functools.partial(client.receive, raw, fds, truncated=truncated))

@@ -29,6 +29,7 @@ EXPECTED = {
     errors.HugePagesUnavailableError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.RegionBusyError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SourceUnavailableError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     errors.ServiceUnavailableError: grpc.StatusCode.UNAVAILABLE,
     errors.ServiceInternalError: grpc.StatusCode.INTERNAL,
@@ -91,7 +92,7 @@ class Aborted(Exception):
 
 
 class FakeContext:
-    """The two ServicerContext methods the servicer uses."""
+    """The ServicerContext methods the servicer uses; no metadata: an anonymous caller."""
 
     def __init__(self) -> None:
         self.code: grpc.StatusCode | None = None
@@ -100,6 +101,9 @@ class FakeContext:
 
     def set_trailing_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
         self.trailing = metadata
+
+    def invocation_metadata(self) -> Sequence[tuple[str, str]]:
+        return ()
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.code, self.details = code, details

@@ -117,6 +117,68 @@ def test_limits_refuse_before_allocating(state_dir: Path, shm_prefix: str) -> No
         store.close()
 
 
+def test_limits_per_uid_count_each_owner_apart_and_survive_a_restart(
+    state_dir: Path, shm_prefix: str
+) -> None:
+    limits = Limits(max_regions_per_uid=2, max_bytes_per_uid=3 * PAGE)
+    store = RegionStore(state_dir, limits=limits, shm_prefix=shm_prefix)
+    try:
+        first = store.create(PAGE, owner_uid=1000)
+        assert first.owner_uid == 1000
+        with pytest.raises(QuotaExceededError, match="max_bytes_per_uid"):
+            store.create(3 * PAGE, owner_uid=1000)
+        store.create(PAGE, owner_uid=1000, backing=BackingKind.POSIX_SHM)
+        with pytest.raises(QuotaExceededError, match="uid 1000 hold 2 regions"):
+            store.create(PAGE, owner_uid=1000)
+        # Another owner, anonymous callers and exempt callers each have their own room.
+        store.create(PAGE, owner_uid=1001)
+        store.create(PAGE)
+        store.create(PAGE)
+        with pytest.raises(QuotaExceededError, match="anonymous callers hold 2 regions"):
+            store.create(PAGE)
+        for _ in range(3):
+            store.create(PAGE, owner_uid=0, per_uid_limits=False)
+        # Deleting gives the room back.
+        store.delete(first.id)
+        store.create(PAGE, owner_uid=1000)
+    finally:
+        store.close()
+    reopened = RegionStore(state_dir, limits=limits, shm_prefix=shm_prefix)
+    try:
+        owners = sorted(-1 if r.owner_uid is None else r.owner_uid for r in reopened.list()[0])
+        assert owners == [-1, -1, 0, 0, 0, 1000, 1000, 1001]
+        with pytest.raises(QuotaExceededError, match="uid 1000 hold 2 regions"):
+            reopened.create(PAGE, owner_uid=1000)
+    finally:
+        reopened.close()
+
+
+def test_a_database_from_before_owners_opens_with_unowned_regions(
+    state_dir: Path, shm_prefix: str
+) -> None:
+    with sqlite3.connect(state_dir / "regions.sqlite3") as db:
+        db.execute(
+            "CREATE TABLE regions (id TEXT PRIMARY KEY, name TEXT UNIQUE, size INTEGER NOT NULL,"
+            " page_size INTEGER NOT NULL, backing TEXT NOT NULL, shm_name TEXT NOT NULL,"
+            " source_kind TEXT NOT NULL, source_path TEXT NOT NULL, source_offset INTEGER NOT"
+            " NULL, source_region TEXT NOT NULL, fill_policy TEXT NOT NULL, labels TEXT NOT"
+            " NULL, created REAL NOT NULL, state TEXT NOT NULL)"
+        )
+        db.execute(
+            "INSERT INTO regions VALUES ('r00000000000a', NULL, ?, ?, 'memfd', '', 'zero', '',"
+            " 0, '', 'lazy', '{}', 1.0, 'ready')",
+            (4 * PAGE, PAGE),
+        )
+        db.execute("PRAGMA user_version = 1")
+    store = RegionStore(state_dir, shm_prefix=shm_prefix)
+    try:
+        region = store.get("r00000000000a")
+        assert region.owner_uid is None and region.size == 4 * PAGE
+        assert store.create(PAGE, owner_uid=7).owner_uid == 7
+    finally:
+        store.close()
+
+
 def test_sparse_64_gib_region_costs_nothing(store: RegionStore) -> None:
     region = store.create(64 * GiB)
     assert region.allocated_bytes == 0

@@ -1,0 +1,103 @@
+"""Who is calling over gRPC: credentials a client obtains on the handoff socket, where the kernel
+tells the service its uid (``SO_PEERCRED``), and then presents on every gRPC call.
+
+gRPC gives a servicer no peer credentials on a unix socket, so the uid comes from the handoff
+socket instead: IDENTIFY there is answered with IDENTITY, a random 32-byte credential bound to
+the connection's uid, valid for as long as that connection stays open (docs/protocol.md §3.7).
+The client sends it as the ``shmfault-credential`` metadata entry (hex) of each call. A process
+that hands its credential to another lends it its uid, as with any bearer secret; closing the
+identity connection (or dying) revokes it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+
+from shmfault.errors import QuotaExceededError
+
+__all__ = [
+    "CREDENTIAL_BYTES",
+    "CREDENTIAL_METADATA_KEY",
+    "Caller",
+    "Identities",
+]
+
+CREDENTIAL_BYTES = 32
+#: The gRPC metadata entry carrying a credential, as lowercase hex.
+CREDENTIAL_METADATA_KEY = "shmfault-credential"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who made a gRPC call: ``uid`` from a credential, or None for an anonymous call (no
+    credential: a caller over TCP, or a client that did not identify). ``admin``: root or the
+    service's own uid, who may use every region and are held to the totals only, not to the
+    limits per uid."""
+
+    uid: int | None
+    admin: bool = False
+
+    @classmethod
+    def of(cls, uid: int | None) -> Caller:
+        return cls(uid, admin=uid is not None and uid in (0, os.geteuid()))
+
+    def may_use(self, owner_uid: int | None) -> bool:
+        """Whether this caller may read, write, delete, attach or record what ``owner_uid``
+        owns (None: a region nobody owns, which everyone may use)."""
+        return owner_uid is None or self.admin or owner_uid == self.uid
+
+    def describe(self) -> str:
+        return "an anonymous caller" if self.uid is None else f"uid {self.uid}"
+
+
+class Identities:
+    """The credentials issued and not yet revoked. Thread-safe: the handoff thread issues and
+    revokes, gRPC workers look up."""
+
+    def __init__(self, *, max_per_uid: int = 256, max_total: int = 4096) -> None:
+        self._lock = threading.Lock()
+        self._uid_of: dict[bytes, int] = {}
+        self._count_of: dict[int, int] = {}
+        self.max_per_uid = max_per_uid
+        self.max_total = max_total
+
+    def issue(self, uid: int) -> bytes:
+        """A new credential for ``uid``. QuotaExceededError past the limits: a caller cannot
+        fill the service's memory with identities."""
+        credential = secrets.token_bytes(CREDENTIAL_BYTES)
+        with self._lock:
+            if len(self._uid_of) >= self.max_total:
+                raise QuotaExceededError(
+                    f"the service holds {len(self._uid_of)} identities, its limit"
+                )
+            if self._count_of.get(uid, 0) >= self.max_per_uid:
+                raise QuotaExceededError(
+                    f"uid {uid} holds {self._count_of[uid]} identities, the limit per uid"
+                )
+            self._uid_of[credential] = uid
+            self._count_of[uid] = self._count_of.get(uid, 0) + 1
+        return credential
+
+    def revoke(self, credential: bytes) -> None:
+        """Forget ``credential``; nothing if it is not known."""
+        with self._lock:
+            uid = self._uid_of.pop(credential, None)
+            if uid is None:
+                return
+            self._count_of[uid] -= 1
+            if not self._count_of[uid]:
+                del self._count_of[uid]
+
+    def uid_of(self, credential: bytes) -> int | None:
+        """The uid ``credential`` was issued to, None if it was never issued or is revoked."""
+        # A dict lookup: its timing depends on the hash of a 256-bit random key, which tells a
+        # guesser nothing about the bytes of a real credential.
+        with self._lock:
+            return self._uid_of.get(credential)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._uid_of)
