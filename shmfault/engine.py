@@ -1058,6 +1058,18 @@ class FaultEngine:
         if content.zero and region.backing.kind is not BackingKind.HUGETLB:
             uffd.zeropage(address, end - start, arg=self._ioctl_arg)
             return
+        # Straight from a mapping of the source where it has one (a file): no read into a new
+        # buffer. The caller holds the region lock, which keeps the mapping alive (close takes it).
+        source = content.address(start, end - start)
+        if source is not None:
+            try:
+                uffd.copy(address, source, end - start, arg=self._ioctl_arg)
+                return
+            except UffdError as exc:
+                if exc.errno != errno.EFAULT:
+                    raise
+                # The source no longer has the bytes (it shrank): read raises the error that
+                # says so; should it not, copy what it read.
         # UFFDIO_ZEROPAGE does not exist for hugetlbfs (EINVAL): zeros are copied there.
         data = content.read(start, end - start)
         uffd.copy(address, _address_of(data), end - start, arg=self._ioctl_arg)
