@@ -130,10 +130,12 @@ _read.restype = ctypes.c_ssize_t
 _read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
 
 
-def read_once(fd: int, buffer: ctypes.Array[ctypes.c_char]) -> int:
+def read_once(fd: int, buffer: ctypes.Array[ctypes.c_char] | bytearray) -> int:
     """read(2) into ``buffer``, once: unlike ``os.read``, a signal interrupts it (OSError
     EINTR) rather than restarting it, so that another thread can unblock a read that should
     not have blocked (``signal.pthread_kill``). Releases the GIL. Returns the bytes read."""
+    if isinstance(buffer, bytearray):
+        buffer = (ctypes.c_char * len(buffer)).from_buffer(buffer)
     count = _read(fd, buffer, len(buffer))
     if count < 0:
         _raise_errno("read")

@@ -43,6 +43,7 @@ import re
 import select
 import signal
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -51,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shmfault import _unix, logs, protocol
+from shmfault._abi import UFFD_MSG_SIZE, UFFDIO_COPY_STRUCT, EventType, PagefaultFlag
 from shmfault.errors import (
     ShmfaultError,
     UffdError,
@@ -58,7 +60,7 @@ from shmfault.errors import (
     UffdProcessGoneError,
     UffdRetryError,
 )
-from shmfault.events import Pagefault, Remap, Remove, Unmap
+from shmfault.events import Event, Fork, Remap, Remove, Unmap, parse_events
 from shmfault.memory import BackingKind, RegionBacking
 from shmfault.modes import Mode
 from shmfault.recording import Recorder
@@ -172,6 +174,15 @@ REMOVED = 2
 ZEROED = 3
 
 _ABSENT_RUN = re.compile(b"\x00+")
+
+#: The head of a ``uffd_msg`` as the fault path reads it: the event code, then (for a page
+#: fault) its flags and address; the rest of the record is not needed there.
+_PAGEFAULT_RECORD = struct.Struct("=B7xQQ")
+# The ABI's enum members as plain ints: tested once per fault.
+_EVENT_PAGEFAULT = int(EventType.PAGEFAULT)
+_FLAG_WRITE = int(PagefaultFlag.WRITE)
+_FLAG_WP = int(PagefaultFlag.WP)
+_FLAG_MINOR = int(PagefaultFlag.MINOR)
 
 
 @dataclass(eq=False)
@@ -406,6 +417,9 @@ class FaultEngine:
         self._reading: tuple[Attachment, float] | None = None
         #: the attachment whose read the stall guard interrupted
         self._stalled: Attachment | None = None
+        #: buffers of the engine thread, reused: one read's records, one ioctl's argument
+        self._read_buffer = bytearray(EVENTS_PER_READ * UFFD_MSG_SIZE)
+        self._ioctl_arg = bytearray(UFFDIO_COPY_STRUCT.size)  # the largest of them
         self._guard = threading.Thread(
             target=self._guard_reads, name="shmfault-engine-guard", daemon=True
         )
@@ -693,102 +707,127 @@ class FaultEngine:
 
     def _serve_uffd(self, attachment: Attachment) -> None:
         assert attachment.uffd is not None
-        pending: deque[tuple[Pagefault, int, int]] = deque()
+        # (fault address, perf_counter_ns when read, tries so far), in the order read
+        pending: deque[tuple[int, int, int]] = deque()
+        latency = attachment.stats.latency_ns
         try:
             if not self._read_batch(attachment, pending):
                 return
             while pending:
-                fault, read_at, tries = pending.popleft()
+                address, read_at, tries = pending.popleft()
                 try:
-                    self._resolve(attachment, fault)
+                    self._resolve(attachment, address)
                 except _Retry:
                     attachment.stats.eagain += 1
                     if tries >= MAX_RETRIES:
-                        self._wake(attachment, fault.address)
+                        self._wake(attachment, address)
                         continue
                     self._read_batch(attachment, pending)
-                    pending.append((fault, read_at, tries + 1))
+                    pending.append((address, read_at, tries + 1))
                     continue
-                attachment.stats.record_latency(time.perf_counter_ns() - read_at)
+                # AttachmentStats.record_latency, inlined: once per fault.
+                latency[
+                    bisect.bisect_left(LATENCY_BOUNDS_NS, time.perf_counter_ns() - read_at)
+                ] += 1
         except _Gone:
             attachment.stats.abandoned += len(pending)
             self._finish(attachment, "the client's memory is gone (ESRCH)")
         except _Stalled:
             logs.event(_log, logging.WARNING, "read_stalled", attachment=attachment.id)
-            for fault, _read_at, _tries in pending:
+            for address, _read_at, _tries in pending:
                 with contextlib.suppress(_Gone, UffdError):
-                    self._wake(attachment, fault.address)
+                    self._wake(attachment, address)
             self._finish(
                 attachment,
                 "the client made the service's read of its userfaultfd block (it cleared "
                 "O_NONBLOCK on the shared file and read its own events)",
             )
         except (UffdError, ShmfaultError, OSError) as exc:
-            self._failed(attachment, exc, [fault for fault, _read_at, _tries in pending])
+            self._failed(attachment, exc, [address for address, _read_at, _tries in pending])
 
-    def _failed(
-        self, attachment: Attachment, exc: Exception, unserved: Sequence[Pagefault] = ()
-    ) -> None:
+    def _failed(self, attachment: Attachment, exc: Exception, unserved: Sequence[int] = ()) -> None:
+        """End the attachment after an error, waking the faults (addresses) not served yet."""
         logs.event(_log, logging.ERROR, "fault_failed", attachment=attachment.id, error=str(exc))
-        for fault in unserved:
+        for address in unserved:
             with contextlib.suppress(_Gone, UffdError):
-                self._wake(attachment, fault.address)
+                self._wake(attachment, address)
         self._finish(attachment, f"serving a fault failed: {exc}")
 
-    def _read_batch(
-        self, attachment: Attachment, pending: deque[tuple[Pagefault, int, int]]
-    ) -> bool:
+    def _read_batch(self, attachment: Attachment, pending: deque[tuple[int, int, int]]) -> bool:
         """Read one batch: apply its events, queue its faults. False when nothing was read."""
         assert attachment.uffd is not None
         self._stalled = None
         self._reading = (attachment, time.monotonic())
+        buffer = self._read_buffer  # the engine thread's own: no allocation per read
         try:
-            events = attachment.uffd.read_events(EVENTS_PER_READ)
+            count = attachment.uffd.read_into(buffer)
         except InterruptedError:
             if self._stalled is attachment:
                 raise _Stalled from None
-            events = []  # a signal meant for something else: read again when epoll says so
+            count = 0  # a signal meant for something else: read again when epoll says so
         finally:
             self._reading = None
-        if not events:
+        if not count:
             return False
         read_at = time.perf_counter_ns()
         stats = attachment.stats
         recorder = attachment.recorder
-        for event in events:
-            if isinstance(event, Pagefault):
-                if event.is_minor:
-                    stats.faults_minor += 1
-                elif event.is_write_protect:
-                    stats.faults_wp += 1
+        # Page faults are nearly every record: decoded here with one unpack_from each, their
+        # flags tested as plain ints (no Pagefault object, no IntFlag arithmetic per fault).
+        # Every other record, and a trailing partial one, goes through parse_events.
+        whole = count - count % UFFD_MSG_SIZE
+        missing = minor = wp = 0
+        for position in range(0, whole, UFFD_MSG_SIZE):
+            code, flags, address = _PAGEFAULT_RECORD.unpack_from(buffer, position)
+            if code == _EVENT_PAGEFAULT:
+                if flags & _FLAG_MINOR:
+                    minor += 1
+                elif flags & _FLAG_WP:
+                    wp += 1
                 else:
-                    stats.faults_missing += 1
-                pending.append((event, read_at, 0))
+                    missing += 1
+                pending.append((address, read_at, 0))
                 if recorder is not None:
-                    self._record(attachment, recorder, event)
-            elif isinstance(event, Remove):
-                stats.events_remove += 1
-                self._forget(
-                    attachment,
-                    event.start,
-                    event.end,
-                    REMOVED if attachment.zero_after_remove else ABSENT,
-                )
-            elif isinstance(event, Unmap):
-                stats.events_unmap += 1
-                self._forget(attachment, event.start, event.end, ABSENT)
-            elif isinstance(event, Remap):
-                stats.events_remap += 1
-                self._remap(attachment, event)
-            else:  # Fork: refused at handshake, so a kernel bug or a lie; never serve it
-                _unix.close_fds([event.uffd_fd])
+                    self._record(attachment, recorder, address, bool(flags & _FLAG_WRITE))
+            else:
+                (event,) = parse_events(buffer[position : position + UFFD_MSG_SIZE])
+                self._apply_event(attachment, event)
+        stats.faults_missing += missing
+        stats.faults_minor += minor
+        stats.faults_wp += wp
+        if whole != count:
+            parse_events(buffer[whole:count])  # raises EventDecodeError: ends the attachment
         return True
 
-    def _record(self, attachment: Attachment, recorder: Recorder, fault: Pagefault) -> None:
-        mapped_range = attachment.range_of(fault.address)
+    def _apply_event(self, attachment: Attachment, event: Event) -> None:
+        """Apply a record other than a page fault (in the order read, before any fault of the
+        batch is served)."""
+        stats = attachment.stats
+        if isinstance(event, Remove):
+            stats.events_remove += 1
+            self._forget(
+                attachment,
+                event.start,
+                event.end,
+                REMOVED if attachment.zero_after_remove else ABSENT,
+            )
+        elif isinstance(event, Unmap):
+            stats.events_unmap += 1
+            self._forget(attachment, event.start, event.end, ABSENT)
+        elif isinstance(event, Remap):
+            stats.events_remap += 1
+            self._remap(attachment, event)
+        elif isinstance(event, Fork):
+            # refused at handshake, so a kernel bug or a lie; never serve it
+            _unix.close_fds([event.uffd_fd])
+
+    def _record(
+        self, attachment: Attachment, recorder: Recorder, address: int, write: bool
+    ) -> None:
+        mapped_range = attachment.range_of(address)
         if mapped_range is not None:
-            offset = mapped_range.region_offset + (fault.address - mapped_range.base)
-            recorder.record(offset // attachment.region.page_size, fault.is_write)
+            offset = mapped_range.region_offset + (address - mapped_range.base)
+            recorder.record(offset // attachment.region.page_size, write)
 
     def _forget(self, attachment: Attachment, start: int, end: int, state: int = ABSENT) -> None:
         """Pages in [start, end) were dropped or unmapped: they fault again when touched, and
@@ -818,7 +857,7 @@ class FaultEngine:
         assert attachment.uffd is not None
         page = attachment.region.page_size
         try:
-            attachment.uffd.wake(address - address % page, page)
+            attachment.uffd.wake(address - address % page, page, arg=self._ioctl_arg)
             attachment.stats.wakes += 1
         except UffdProcessGoneError as exc:
             raise _Gone from exc
@@ -858,33 +897,33 @@ class FaultEngine:
         mapped_range.sequential_next = end
         return start, end
 
-    def _resolve(self, attachment: Attachment, fault: Pagefault) -> None:
+    def _resolve(self, attachment: Attachment, address: int) -> None:
         uffd = attachment.uffd
         assert uffd is not None
-        mapped_range = attachment.range_of(fault.address)
+        mapped_range = attachment.range_of(address)
         page = attachment.region.page_size
         if mapped_range is None:
             attachment.stats.outside += 1
-            page_address = fault.address - fault.address % page
+            page_address = address - address % page
             logs.event(
                 _log,
                 logging.WARNING,
                 "fault_outside",
                 attachment=attachment.id,
-                address=fault.address,
+                address=address,
             )
             with contextlib.suppress(UffdError):
                 uffd.unregister(page_address, page)
             self._wake(attachment, page_address)
             return
-        offset = mapped_range.region_offset + (fault.address - mapped_range.base)
+        offset = mapped_range.region_offset + (address - mapped_range.base)
         start, end = self._adaptive_window(mapped_range, page, offset)
         try:
             self._fill(attachment, mapped_range, start, end, offset)
         except UffdPageExistsError:
             attachment.stats.eexist += 1
-            self._guard_refaults(attachment, fault.address)
-            self._wake(attachment, fault.address)
+            self._guard_refaults(attachment, address)
+            self._wake(attachment, address)
         except UffdRetryError as exc:
             raise _Retry from exc
         except UffdProcessGoneError as exc:
@@ -895,7 +934,7 @@ class FaultEngine:
                 # this client's fault nor a broken state. Wake the thread; it faults again and
                 # the fill is tried again then, so memory freed meanwhile lets it run on.
                 attachment.stats.enomem += 1
-                self._wake(attachment, fault.address)
+                self._wake(attachment, address)
                 return
             if exc.errno != errno.ENOENT:
                 raise
@@ -905,7 +944,7 @@ class FaultEngine:
             # SIGSEGV now rather than sleeping until the client closes its userfaultfd.
             attachment.stats.abandoned += 1
             with contextlib.suppress(UffdError):
-                uffd.wake(fault.address - fault.address % page, page)
+                uffd.wake(address - address % page, page)
 
     def _fill(
         self,
@@ -964,39 +1003,83 @@ class FaultEngine:
         uffd = attachment.uffd
         assert uffd is not None
         region = attachment.region
-        served = False
-
-        def address_of(region_offset: int) -> int:
-            return mapped_range.base + (region_offset - mapped_range.region_offset)
-
+        # client address = region offset + delta
+        delta = mapped_range.base - mapped_range.region_offset
         with region.locked():
-            # Holes of the region file in the block: exactly the pages nobody has yet. The
-            # page that faulted is one of them unless someone filled it since the fault.
-            for hole_start, hole_end in list(region.backing.holes(start, end)):
-                address = address_of(hole_start)
-                try:
-                    # UFFDIO_ZEROPAGE does not exist for hugetlbfs (EINVAL): copy zeros there.
-                    if region.content.zero and region.backing.kind is not BackingKind.HUGETLB:
-                        uffd.zeropage(address, hole_end - hole_start)
-                    else:
-                        data = region.content.read(hole_start, hole_end - hole_start)
-                        uffd.copy(address, _address_of(data), hole_end - hole_start)
-                except (UffdPageExistsError, UffdRetryError) as exc:
-                    # Raced with another filler: whatever got done is woken; make sure the
-                    # faulting page is, too (it exists now, or the retry will fill it).
-                    if (
-                        offset is not None
-                        and hole_start <= offset < hole_end
-                        and exc.done <= offset - hole_start
-                    ):
-                        raise
-                    continue
-                region.backing.mark_filled(hole_start, hole_end)
-                self._count_fill(attachment, hole_end - hole_start, region.content.zero)
-                if offset is not None and hole_start <= offset < hole_end:
-                    served = True
+            # The whole block in one COPY, without searching the region file's holes first: the
+            # kernel never overwrites a page the file has (another sharer's fill, a write) but
+            # stops there, with EEXIST at the first page or a partial copy up to it. Only then,
+            # which is rare, are the holes of the rest of the block searched and filled one by
+            # one. Either way each page is filled once, under the region lock.
+            try:
+                self._copy_from_region(attachment, uffd, start, end, start + delta)
+            except (UffdPageExistsError, UffdRetryError) as exc:
+                done = exc.done
+            else:
+                done = end - start
+            if done:
+                region.backing.mark_filled(start, start + done)
+                self._count_fill(attachment, done, region.content.zero)
+            served = offset is not None and start <= offset < start + done
+            if start + done < end:
+                served = self._copy_holes(attachment, start + done, end, offset, delta) or served
         if offset is not None and not served:
-            self._wake(attachment, address_of(offset))
+            self._wake(attachment, offset + delta)
+
+    def _copy_holes(
+        self, attachment: Attachment, start: int, end: int, offset: int | None, delta: int
+    ) -> bool:
+        """Fill the holes of the region file in ``[start, end)`` (the region lock held): exactly
+        the pages nobody has yet. Returns whether the fault's page (``offset``) was filled here;
+        raises EEXIST/EAGAIN when the copy stopped before it (the caller wakes or retries)."""
+        uffd = attachment.uffd
+        assert uffd is not None
+        region = attachment.region
+        served = False
+        # The page that faulted is one of the holes unless someone filled it since the fault.
+        for hole_start, hole_end in list(region.backing.holes(start, end)):
+            try:
+                self._copy_from_region(attachment, uffd, hole_start, hole_end, hole_start + delta)
+            except (UffdPageExistsError, UffdRetryError) as exc:
+                # Raced with another filler: whatever got done is woken; make sure the
+                # faulting page is, too (it exists now, or the retry will fill it).
+                if (
+                    offset is not None
+                    and hole_start <= offset < hole_end
+                    and exc.done <= offset - hole_start
+                ):
+                    raise
+                continue
+            region.backing.mark_filled(hole_start, hole_end)
+            self._count_fill(attachment, hole_end - hole_start, region.content.zero)
+            if offset is not None and hole_start <= offset < hole_end:
+                served = True
+        return served
+
+    def _copy_from_region(
+        self, attachment: Attachment, uffd: Uffd, start: int, end: int, address: int
+    ) -> None:
+        """UFFDIO_COPY (or ZEROPAGE) the region's content for ``[start, end)`` to ``address``."""
+        region = attachment.region
+        content = region.content
+        if content.zero and region.backing.kind is not BackingKind.HUGETLB:
+            uffd.zeropage(address, end - start, arg=self._ioctl_arg)
+            return
+        # Straight from a mapping of the source where it has one (a file): no read into a new
+        # buffer. The caller holds the region lock, which keeps the mapping alive (close takes it).
+        source = content.address(start, end - start)
+        if source is not None:
+            try:
+                uffd.copy(address, source, end - start, arg=self._ioctl_arg)
+                return
+            except UffdError as exc:
+                if exc.errno != errno.EFAULT:
+                    raise
+                # The source no longer has the bytes (it shrank): read raises the error that
+                # says so; should it not, copy what it read.
+        # UFFDIO_ZEROPAGE does not exist for hugetlbfs (EINVAL): zeros are copied there.
+        data = content.read(start, end - start)
+        uffd.copy(address, _address_of(data), end - start, arg=self._ioctl_arg)
 
     def _shared_continue(
         self,
@@ -1018,7 +1101,11 @@ class FaultEngine:
         index = None if offset is None else (offset - mapped_range.region_offset) // page
 
         def map_run(run_start: int, run_end: int) -> None:
-            uffd.continue_(mapped_range.base + run_start * page, (run_end - run_start) * page)
+            uffd.continue_(
+                mapped_range.base + run_start * page,
+                (run_end - run_start) * page,
+                arg=self._ioctl_arg,
+            )
 
         served, _mapped = self._map_runs(attachment, mapped_range, first, last, index, map_run)
         if index is not None and not served:
@@ -1050,7 +1137,12 @@ class FaultEngine:
             if not block:
                 block.append(region.peek(start, end - start))
             source = _address_of(block[0]) + (run_start - first) * page
-            uffd.copy(mapped_range.base + run_start * page, source, (run_end - run_start) * page)
+            uffd.copy(
+                mapped_range.base + run_start * page,
+                source,
+                (run_end - run_start) * page,
+                arg=self._ioctl_arg,
+            )
 
         served, mapped = self._map_runs(attachment, mapped_range, first, last, index, map_run)
         self._count_fill(attachment, mapped * page, False)

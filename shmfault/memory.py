@@ -332,6 +332,13 @@ class Content(Protocol):
         SourceUnavailableError when the source can no longer provide them."""
         ...
 
+    def address(self, offset: int, length: int) -> int | None:
+        """Where this process can read the content's ``[offset, offset + length)`` in place (a
+        mapping of the source, valid until :meth:`close`), or None: use :meth:`read`. A copy
+        from it fails with EFAULT where the source no longer has the bytes; :meth:`read` then
+        says why."""
+        ...
+
     def close(self) -> None:
         """Release what the content holds open."""
         ...
@@ -345,6 +352,10 @@ class ZeroContent:
     def read(self, offset: int, length: int) -> bytes:
         """``length`` zero bytes."""
         return bytes(length)
+
+    def address(self, offset: int, length: int) -> int | None:
+        """None: zeros are not read from anywhere."""
+        return None
 
     def close(self) -> None:
         """Nothing to release."""

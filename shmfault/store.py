@@ -26,6 +26,7 @@ import errno
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import secrets
@@ -37,7 +38,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from shmfault import logs, memory
+from shmfault import _libc, logs, memory
 from shmfault.errors import (
     AlreadyExistsError,
     HugePagesUnavailableError,
@@ -234,6 +235,9 @@ class FileContent:
         self._fd = fd
         self.path = path
         self.offset = offset
+        #: a read-only shared mapping of the file from ``offset`` rounded down to a page, made
+        #: on the first :meth:`address` (see :meth:`_map`); all 0 when none can be made
+        self._mapping: tuple[int, int, int, int] | None = None
 
     def read(self, offset: int, length: int) -> bytes:
         """The file's bytes for region bytes ``[offset, offset + length)``. Blocks on disk.
@@ -253,8 +257,42 @@ class FileContent:
             length -= len(piece)
         return b"".join(pieces)
 
+    def address(self, offset: int, length: int) -> int | None:
+        """Where the file's bytes for region bytes ``[offset, offset + length)`` are mapped in
+        this process, so that a UFFDIO_COPY takes them straight from the page cache (no read
+        into a fresh buffer, no second copy). None when they are past what was mapped (the file
+        grew since) or the file cannot be mapped: use :meth:`read`. The mapping follows the
+        file: bytes it no longer has (it shrank) fail the copy with EFAULT, never read wrong;
+        :meth:`read` then raises the SourceUnavailableError that says so. Valid until
+        :meth:`close`, which callers must not run meanwhile (the region's lock)."""
+        mapping = self._mapping
+        if mapping is None:
+            mapping = self._mapping = self._map()
+        start, mapped = mapping[2], mapping[3]
+        if offset + length > mapped:
+            return None
+        return start + offset
+
+    def _map(self) -> tuple[int, int, int, int]:
+        """(mapping address, mapping length, address of file byte ``offset``, bytes mapped from
+        ``offset``), all 0 when the file cannot be mapped."""
+        page = mmap.PAGESIZE
+        aligned = self.offset - self.offset % page
+        try:
+            length = os.fstat(self._fd).st_size - aligned
+            if length <= self.offset - aligned:
+                return 0, 0, 0, 0
+            base = _libc.mmap(0, length, _libc.PROT_READ, _libc.MAP_SHARED, self._fd, aligned)
+        except OSError:
+            return 0, 0, 0, 0
+        skip = self.offset - aligned
+        return base, length, base + skip, length - skip
+
     def close(self) -> None:
-        """Close the file. Idempotent."""
+        """Close the file (and unmap it). Idempotent."""
+        if self._mapping is not None and self._mapping[1]:
+            _libc.munmap(self._mapping[0], self._mapping[1])
+        self._mapping = (0, 0, 0, 0)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -272,6 +310,10 @@ class RegionContent:
         """The source region's current bytes. Blocks on its lock."""
         return self.source.peek(offset, length)
 
+    def address(self, offset: int, length: int) -> int | None:
+        """None: a region's bytes are read under its lock (:meth:`read`)."""
+        return None
+
     def close(self) -> None:
         """Nothing to release: the source region belongs to the store."""
 
@@ -287,6 +329,10 @@ class UnavailableContent:
     def read(self, offset: int, length: int) -> bytes:
         """Always raises SourceUnavailableError."""
         raise SourceUnavailableError(self.reason, "source")
+
+    def address(self, offset: int, length: int) -> int | None:
+        """None: there is nothing to read."""
+        return None
 
     def close(self) -> None:
         """Nothing to release."""

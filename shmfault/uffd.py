@@ -17,7 +17,6 @@ and why it failed. ``user_mode_only=True`` restricts opening to path 3, ``False`
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -206,6 +205,8 @@ class Uffd:
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
         self._nonblocking = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+        #: read with preadv2(RWF_NOWAIT) first (see :meth:`read_into`); False once refused
+        self._nowait_reads = self._nonblocking
 
     @classmethod
     def open(
@@ -341,45 +342,76 @@ class Uffd:
     def read_events(self, max_events: int = 64) -> list[Event]:
         """Read up to ``max_events`` queued events with one read.
 
-        A handle opened non-blocking (the default) returns [] when no event is queued, and sets
-        O_NONBLOCK again before reading if another holder of the same file cleared it (a client
-        sharing the userfaultfd can; a blocking read would hang the reader). A blocking handle
-        waits for one. ``preadv2(RWF_NOWAIT)`` is no way round this: on a userfaultfd whose
-        O_NONBLOCK is cleared it reports EAGAIN even with events queued (seen on 6.18), and the
-        first read after O_NONBLOCK is set again may do the same: callers poll level-triggered
-        and read again. A signal interrupts the read (InterruptedError), never restarts it: a
-        read that blocks can be ended from another thread. Raises
+        A handle opened non-blocking (the default) returns [] when no event is queued, whatever
+        another holder of the same file does to O_NONBLOCK (see :meth:`read_into`). A blocking
+        handle waits for one. A signal interrupts a read that waits (InterruptedError), never
+        restarts it: a read that blocks can be ended from another thread. Raises
         :class:`~shmfault.errors.EventDecodeError` for a record it cannot decode (carrying the
         others) and :class:`UffdError` for a failed read.
         """
+        buffer = bytearray(max_events * _abi.UFFD_MSG_SIZE)
+        count = self.read_into(buffer)
+        return parse_events(memoryview(buffer)[:count]) if count else []
+
+    def read_into(self, buffer: bytearray) -> int:
+        """Read as many whole queued ``uffd_msg`` records as fit into ``buffer`` with one read;
+        returns the bytes read (0: none queued, on a non-blocking handle). The caller decodes
+        them (:func:`~shmfault.events.parse_events`); reusing one buffer saves an allocation
+        per read. Raises like :meth:`read_events`.
+
+        O_NONBLOCK belongs to the open file, which a client shares with the service and can
+        clear. A non-blocking handle therefore reads with ``preadv2(RWF_NOWAIT)`` first, which
+        never waits whatever the file's flags say (userfaultfd has ``read_iter`` since 6.8;
+        before, the kernel refuses the flag and the handle stops asking). Only when that finds
+        nothing (or is refused) does it fall back to one guarded read: O_NONBLOCK is set again
+        if it was cleared, then a plain read(2). So a read with events queued costs one system
+        call, and a read can only block if the client clears O_NONBLOCK *and* reads its own
+        events between the flag check and the read (FaultEngine's stall guard covers that).
+        """
         fd = self.fileno()
-        buffer = ctypes.create_string_buffer(max_events * _abi.UFFD_MSG_SIZE)
         try:
+            if self._nowait_reads:
+                try:
+                    return os.preadv(fd, [buffer], -1, os.RWF_NOWAIT)
+                except BlockingIOError:
+                    pass  # nothing queued, or a kernel that says so wrongly: ask once more below
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ESPIPE):
+                        raise
+                    self._nowait_reads = False  # no read_iter on this kernel's userfaultfd
             if self._nonblocking:
                 flags = fcntl.fcntl(fd, fcntl.F_GETFL)
                 if not flags & os.O_NONBLOCK:
                     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-            count = _libc.read_once(fd, buffer)
+            return _libc.read_once(fd, buffer)
         except BlockingIOError:
-            return []
+            return 0
         except InterruptedError:
             raise  # a signal sent to interrupt a read that blocked (FaultEngine's stall guard)
         except OSError as exc:
             raise uffd_error(errno_of(exc), "read") from None
-        return parse_events(ctypes.string_at(buffer, count))
 
     # --- ioctls ---
 
     def _ioctl(
-        self, name: str, request: int, layout: struct.Struct, target: tuple[int, int], *fields: int
+        self,
+        name: str,
+        request: int,
+        layout: struct.Struct,
+        target: tuple[int, int],
+        *fields: int,
+        arg: bytearray | None = None,
     ) -> bytearray:
-        """Run one ioctl; ``target`` is the (address, length) an error should name."""
-        buffer = bytearray(layout.pack(*fields))
+        """Run one ioctl; ``target`` is the (address, length) an error should name. ``arg``:
+        a buffer of at least ``layout.size`` bytes to pack the argument into (a fresh one when
+        None); the kernel's answer is read from its first ``layout.size`` bytes."""
+        buffer = bytearray(layout.size) if arg is None else arg
+        layout.pack_into(buffer, 0, *fields)
         try:
             fcntl.ioctl(self.fileno(), request, buffer, True)
         except OSError as exc:
             # Fill ioctls end in a signed result field: bytes done, or a negative errno.
-            done = layout.unpack(buffer)[-1] if layout.format.endswith("q") else 0
+            done = layout.unpack_from(buffer)[-1] if layout.format.endswith("q") else 0
             raise uffd_error(errno_of(exc), name, *target, done=max(done, 0)) from None
         return buffer
 
@@ -417,16 +449,23 @@ class Uffd:
         *,
         dontwake: bool = False,
         wp: bool = False,
+        arg: bytearray | None = None,
     ) -> int:
         """UFFDIO_COPY ``length`` bytes from address ``source`` (this process) to the registered
-        ``destination``; wakes the faulting threads unless ``dontwake``. Returns bytes copied.
+        ``destination``; wakes the faulting threads unless ``dontwake``. Returns bytes copied
+        (``length``: the kernel reports a partial copy as EAGAIN).
 
-        EEXIST (:class:`~shmfault.errors.UffdPageExistsError`): a page is already there and the
-        faulting thread still sleeps. EAGAIN (:class:`~shmfault.errors.UffdRetryError`) with
-        ``done`` > 0: a partial copy, the first ``done`` bytes are in place and woken.
+        EEXIST (:class:`~shmfault.errors.UffdPageExistsError`): the first page is already there
+        and the faulting thread still sleeps. EAGAIN (:class:`~shmfault.errors.UffdRetryError`)
+        with ``done`` > 0: a partial copy, the first ``done`` bytes are in place and woken, and
+        the page after them stopped it (it exists, or the range changed).
+
+        ``arg``: a buffer of at least ``UFFDIO_COPY_STRUCT.size`` bytes that the caller reuses
+        for every call from one thread (the same for :meth:`zeropage`, :meth:`continue_` and
+        :meth:`wake`), which saves an allocation per call; None allocates one.
         """
         mode = (CopyMode.DONTWAKE if dontwake else 0) | (CopyMode.WP if wp else 0)
-        buffer = self._ioctl(
+        self._ioctl(
             "UFFDIO_COPY",
             _abi.UFFDIO_COPY,
             _abi.UFFDIO_COPY_STRUCT,
@@ -436,13 +475,18 @@ class Uffd:
             length,
             mode,
             0,
+            arg=arg,
         )
-        return int(_abi.UFFDIO_COPY_STRUCT.unpack(buffer)[4])
+        # Success means every byte: the kernel reports a short copy as EAGAIN with ``done``.
+        return length
 
-    def zeropage(self, address: int, length: int, *, dontwake: bool = False) -> int:
-        """UFFDIO_ZEROPAGE: map zero pages over the range. Returns bytes zeroed."""
+    def zeropage(
+        self, address: int, length: int, *, dontwake: bool = False, arg: bytearray | None = None
+    ) -> int:
+        """UFFDIO_ZEROPAGE: map zero pages over the range. Returns bytes zeroed (``length``;
+        errors as :meth:`copy`, ``arg`` too)."""
         mode = ZeropageMode.DONTWAKE if dontwake else 0
-        buffer = self._ioctl(
+        self._ioctl(
             "UFFDIO_ZEROPAGE",
             _abi.UFFDIO_ZEROPAGE,
             _abi.UFFDIO_ZEROPAGE_STRUCT,
@@ -451,16 +495,23 @@ class Uffd:
             length,
             mode,
             0,
+            arg=arg,
         )
-        return int(_abi.UFFDIO_ZEROPAGE_STRUCT.unpack(buffer)[3])
+        return length
 
     def continue_(
-        self, address: int, length: int, *, dontwake: bool = False, wp: bool = False
+        self,
+        address: int,
+        length: int,
+        *,
+        dontwake: bool = False,
+        wp: bool = False,
+        arg: bytearray | None = None,
     ) -> int:
         """UFFDIO_CONTINUE: map the page-cache pages already present over a MINOR range.
-        Returns bytes mapped."""
+        Returns bytes mapped (``length``; errors as :meth:`copy`, ``arg`` too)."""
         mode = (ContinueMode.DONTWAKE if dontwake else 0) | (ContinueMode.WP if wp else 0)
-        buffer = self._ioctl(
+        self._ioctl(
             "UFFDIO_CONTINUE",
             _abi.UFFDIO_CONTINUE,
             _abi.UFFDIO_CONTINUE_STRUCT,
@@ -469,13 +520,21 @@ class Uffd:
             length,
             mode,
             0,
+            arg=arg,
         )
-        return int(_abi.UFFDIO_CONTINUE_STRUCT.unpack(buffer)[3])
+        return length
 
-    def wake(self, address: int, length: int) -> None:
-        """UFFDIO_WAKE the threads blocked on the range without filling anything."""
+    def wake(self, address: int, length: int, *, arg: bytearray | None = None) -> None:
+        """UFFDIO_WAKE the threads blocked on the range without filling anything (``arg`` as
+        for :meth:`copy`)."""
         self._ioctl(
-            "UFFDIO_WAKE", _abi.UFFDIO_WAKE, _abi.UFFDIO_RANGE, (address, length), address, length
+            "UFFDIO_WAKE",
+            _abi.UFFDIO_WAKE,
+            _abi.UFFDIO_RANGE,
+            (address, length),
+            address,
+            length,
+            arg=arg,
         )
 
     def writeprotect(

@@ -1018,3 +1018,36 @@ def test_a_refused_attach_is_uncounted_before_its_error_arrives(
         assert isinstance(message, ErrorMessage) and message.code is ErrorCode.BAD_RANGE
         assert client.get_region(region_id).attachments == 0
         connection.close()
+
+
+def _touch_after_the_source_shrank(
+    messages: ChildMessages, handoff: str, region_id: str, token: str, mode: str, pages: int
+) -> None:
+    attachment = attach(handoff, region_id, token, mode=mode)
+    messages.send((attachment.attachment_id, bytes(attachment.buffer[:PAGE])))
+    assert messages.recv() == "shrunk"
+    attachment.buffer[(pages - 1) * PAGE]  # its fault cannot be served: the parent kills us
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["shared-copy", "private-copy"])
+def test_a_source_that_shrank_ends_the_attachment_saying_so(
+    client: Client, tmp_path: Path, children: Callable[..., Child], mode: str
+) -> None:
+    """The fault path may copy from a mapping of the source file, which the first fault makes:
+    a page the file no longer has then fails the copy (EFAULT), and the attachment ends with the
+    source's own error, as a read of it would; never with wrong or zero bytes served."""
+    pages = 4 * FAULT_AROUND
+    path, data = random_file(tmp_path, pages * PAGE)
+    region = client.create_region(pages * PAGE, source=Source.of_file(path)).id
+    child = children(_touch_after_the_source_shrank, *token_for(client, region), mode, pages)
+    try:
+        attachment_id, first = child.recv()
+        assert first == data[:PAGE]
+        os.truncate(path, PAGE)
+        child.send("shrunk")
+        settle(lambda: entry_of(client, attachment_id)["ended"] is not None, "the attachment ends")
+        reason = entry_of(client, attachment_id)["end_reason"]
+        assert "shrank" in reason, reason
+    finally:
+        child.kill()

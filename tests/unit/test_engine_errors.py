@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from shmfault import _abi
 from shmfault.engine import MAX_RETRIES, Attachment, FaultEngine, MappedRange
 from shmfault.errors import uffd_error
 from shmfault.events import Pagefault, Remove
@@ -33,6 +34,14 @@ from shmfault.modes import Mode
 
 PAGE = 4096
 BASE = 0x7F00_0000_0000
+
+
+def _record(event: Pagefault | Remove) -> bytes:
+    if isinstance(event, Pagefault):
+        body = _abi.MSG_PAGEFAULT.pack(event.flags, event.address, event.thread_id)
+        return _abi.UFFD_MSG.pack(_abi.EventType.PAGEFAULT, 0, 0, 0, body)
+    body = _abi.MSG_REMOVE.pack(event.start, event.end)
+    return _abi.UFFD_MSG.pack(_abi.EventType.REMOVE, 0, 0, 0, body)
 
 
 class FakeUffd:
@@ -55,6 +64,12 @@ class FakeUffd:
     def read_events(self, limit: int) -> list[Any]:
         return self.events.pop(0) if self.events else []
 
+    def read_into(self, buffer: bytearray) -> int:
+        """The next scripted batch as the kernel writes it: ``uffd_msg`` records."""
+        records = b"".join(_record(event) for event in self.read_events(0))
+        buffer[: len(records)] = records
+        return len(records)
+
     def copy(self, destination: int, source: int, length: int, **_: Any) -> int:
         return self._call("UFFDIO_COPY", destination, length)
 
@@ -64,7 +79,7 @@ class FakeUffd:
     def continue_(self, address: int, length: int, **_: Any) -> int:
         return self._call("UFFDIO_CONTINUE", address, length)
 
-    def wake(self, address: int, length: int) -> None:
+    def wake(self, address: int, length: int, **_: Any) -> None:
         self._call("UFFDIO_WAKE", address, length)
 
     def unregister(self, address: int, length: int) -> None:
