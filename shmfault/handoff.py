@@ -33,7 +33,7 @@ from shmfault.errors import (
     SourceUnavailableError,
     UffdError,
 )
-from shmfault.identity import Identities
+from shmfault.identity import Identities, groups_of
 from shmfault.memory import BackingKind, RegionBacking
 from shmfault.modes import (
     FORBIDDEN_FEATURES,
@@ -80,6 +80,7 @@ class _Handshake:
     deadline: float
     pid: int
     uid: int
+    gid: int
     region: RegionBacking | None = None
     choice: Choice | None = None
     options: AttachOptions = field(default_factory=AttachOptions)
@@ -212,6 +213,7 @@ class HandoffServer:
                 time.monotonic() + self._timeout,
                 credentials.pid,
                 credentials.uid,
+                credentials.gid,
             )
             self._pending[connection.fileno()] = handshake
             self._selector.register(connection, selectors.EVENT_READ, handshake)
@@ -308,7 +310,9 @@ class HandoffServer:
 
     def _identify(self, handshake: _Handshake) -> None:
         try:
-            credential = self._identities.issue(handshake.uid)
+            credential = self._identities.issue(
+                handshake.uid, groups_of(handshake.pid, handshake.gid)
+            )
         except QuotaExceededError as exc:
             raise _Refusal(ErrorCode.LIMIT, str(exc)) from None
         identified = _Identified(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import threading
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ __all__ = [
     "CREDENTIAL_METADATA_KEY",
     "Caller",
     "Identities",
+    "groups_of",
 ]
 
 CREDENTIAL_BYTES = 32
@@ -39,10 +41,24 @@ class Caller:
 
     uid: int | None
     admin: bool = False
+    #: the caller's groups (primary and supplementary) when it identified
+    groups: frozenset[int] = frozenset()
 
     @classmethod
-    def of(cls, uid: int | None) -> Caller:
-        return cls(uid, admin=uid is not None and uid in (0, os.geteuid()))
+    def of(cls, uid: int | None, groups: frozenset[int] = frozenset()) -> Caller:
+        return cls(uid, admin=uid is not None and uid in (0, os.geteuid()), groups=groups)
+
+    def may_read(self, info: os.stat_result) -> bool:
+        """Whether this caller could read a file with ``info`` itself, by its mode bits: the
+        service (root) opens file sources for callers, and must not read for them what they
+        could not. Admins may read what the service can."""
+        if self.admin:
+            return True
+        if self.uid is not None and info.st_uid == self.uid:
+            return bool(info.st_mode & stat.S_IRUSR)
+        if info.st_gid in self.groups:
+            return bool(info.st_mode & stat.S_IRGRP)
+        return bool(info.st_mode & stat.S_IROTH)
 
     def may_use(self, owner_uid: int | None) -> bool:
         """Whether this caller may read, write, delete, attach or record what ``owner_uid``
@@ -53,6 +69,21 @@ class Caller:
         return "an anonymous caller" if self.uid is None else f"uid {self.uid}"
 
 
+def groups_of(pid: int, gid: int) -> frozenset[int]:
+    """The groups of process ``pid`` (``gid``, its primary one from SO_PEERCRED, and its
+    supplementary groups from /proc); just ``gid`` where /proc does not say."""
+    groups = {gid}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    groups.update(int(group) for group in line.split()[1:])
+                    break
+    except (OSError, ValueError):
+        pass
+    return frozenset(groups)
+
+
 class Identities:
     """The credentials issued and not yet revoked. Thread-safe: the handoff thread issues and
     revokes, gRPC workers look up."""
@@ -60,13 +91,14 @@ class Identities:
     def __init__(self, *, max_per_uid: int = 256, max_total: int = 4096) -> None:
         self._lock = threading.Lock()
         self._uid_of: dict[bytes, int] = {}
+        self._groups_of: dict[bytes, frozenset[int]] = {}
         self._count_of: dict[int, int] = {}
         self.max_per_uid = max_per_uid
         self.max_total = max_total
 
-    def issue(self, uid: int) -> bytes:
-        """A new credential for ``uid``. QuotaExceededError past the limits: a caller cannot
-        fill the service's memory with identities."""
+    def issue(self, uid: int, groups: frozenset[int] = frozenset()) -> bytes:
+        """A new credential for ``uid`` (in ``groups``). QuotaExceededError past the limits: a
+        caller cannot fill the service's memory with identities."""
         credential = secrets.token_bytes(CREDENTIAL_BYTES)
         with self._lock:
             if len(self._uid_of) >= self.max_total:
@@ -78,6 +110,7 @@ class Identities:
                     f"uid {uid} holds {self._count_of[uid]} identities, the limit per uid"
                 )
             self._uid_of[credential] = uid
+            self._groups_of[credential] = groups
             self._count_of[uid] = self._count_of.get(uid, 0) + 1
         return credential
 
@@ -85,18 +118,23 @@ class Identities:
         """Forget ``credential``; nothing if it is not known."""
         with self._lock:
             uid = self._uid_of.pop(credential, None)
+            self._groups_of.pop(credential, None)
             if uid is None:
                 return
             self._count_of[uid] -= 1
             if not self._count_of[uid]:
                 del self._count_of[uid]
 
-    def uid_of(self, credential: bytes) -> int | None:
-        """The uid ``credential`` was issued to, None if it was never issued or is revoked."""
+    def caller_of(self, credential: bytes) -> Caller | None:
+        """The caller ``credential`` was issued to, None if it was never issued or is
+        revoked."""
         # A dict lookup: its timing depends on the hash of a 256-bit random key, which tells a
         # guesser nothing about the bytes of a real credential.
         with self._lock:
-            return self._uid_of.get(credential)
+            uid = self._uid_of.get(credential)
+            if uid is None:
+                return None
+            return Caller.of(uid, self._groups_of[credential])
 
     def __len__(self) -> int:
         with self._lock:

@@ -343,13 +343,13 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
             credential = bytes.fromhex(text if isinstance(text, str) else text.decode())
         except (ValueError, UnicodeDecodeError):
             credential = b""
-        uid = self._identities.uid_of(credential)
-        if uid is None:
+        caller = self._identities.caller_of(credential)
+        if caller is None:
             raise errors.UnauthenticatedError(
                 "the credential is not one this service issued, or its identity connection "
                 "has closed: identify again"
             )
-        return Caller.of(uid)
+        return caller
 
     def _region(self, caller: Caller, ref: str, field: str = "region") -> store.Region:
         """Region ``ref`` if ``caller`` may use it. PermissionDeniedError otherwise."""
@@ -397,6 +397,7 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
                 fill_policy=fill_policy_from_proto(request.fill_policy),
                 owner_uid=caller.uid,
                 per_uid_limits=not caller.admin,
+                may_read=caller.may_read,
             )
             return pb.CreateRegionResponse(
                 region=region_to_proto(region), attach_token=region.attach_token

@@ -594,7 +594,13 @@ class RegionStore:
 
     # -- sources ---------------------------------------------------------------------------
 
-    def _open_file(self, path: str, offset: int, size: int) -> FileContent:
+    def _open_file(
+        self,
+        path: str,
+        offset: int,
+        size: int,
+        may_read: Callable[[os.stat_result], bool] | None = None,
+    ) -> FileContent:
         if not os.path.isabs(path):
             raise InvalidArgumentError(
                 f"source file path {path!r} is not absolute", "source.file.path"
@@ -627,6 +633,14 @@ class RegionStore:
                 raise InvalidArgumentError(
                     f"source file {path} is not a regular file", "source.file.path"
                 )
+            if may_read is not None and not may_read(info):
+                # Checked on the opened file, after every symlink: a link to a file the
+                # caller may not read is refused like the file itself.
+                raise PermissionDeniedError(
+                    f"the caller may not read source file {path} (mode "
+                    f"{stat.filemode(info.st_mode)}, owner {info.st_uid}, group {info.st_gid})",
+                    "source.file.path",
+                )
             if self.source_roots:
                 # The path the descriptor really has, after every symlink: no race with a
                 # symlink swapped in between a check and the open.
@@ -652,11 +666,16 @@ class RegionStore:
             raise
         return FileContent(fd, path, offset)
 
-    def _content_for(self, source: Source, size: int) -> tuple[memory.Content, Source, str]:
+    def _content_for(
+        self,
+        source: Source,
+        size: int,
+        may_read: Callable[[os.stat_result], bool] | None = None,
+    ) -> tuple[memory.Content, Source, str]:
         """Validate ``source`` for a region of ``size`` bytes; returns its content, the source
         as stored (a region source by id), and the id it depends on. Caller holds the lock."""
         if source.kind is SourceKind.FILE:
-            return self._open_file(source.path, source.offset, size), source, ""
+            return self._open_file(source.path, source.offset, size, may_read), source, ""
         if source.kind is SourceKind.REGION:
             entry = self._lookup(source.region, "source.region")
             if size > entry.region.size:
@@ -685,12 +704,14 @@ class RegionStore:
         fill_policy: FillPolicy = FillPolicy.LAZY,
         owner_uid: int | None = None,
         per_uid_limits: bool = True,
+        may_read: Callable[[os.stat_result], bool] | None = None,
     ) -> Region:
         """Create a region and return it with a fresh single-use ``attach_token``.
 
         ``owner_uid`` becomes its owner (None: nobody in particular). ``per_uid_limits``
         counts it against its owner's ``max_regions_per_uid`` and ``max_bytes_per_uid`` (the
-        caller decides who is exempt); the totals hold for everyone.
+        caller decides who is exempt); the totals hold for everyone. ``may_read`` says whether
+        the caller could read a file source itself (PermissionDeniedError if not).
 
         Sizes are refused, never rounded, unless a non-zero multiple of the backing's page
         size. Limits are checked before anything is allocated. Blocks for the eager fill
@@ -740,7 +761,7 @@ class RegionStore:
                 raise AlreadyExistsError(
                     f"name {name!r} is taken by region {self._names[name]}", "name"
                 )
-            content, stored_source, depends_on = self._content_for(source, size)
+            content, stored_source, depends_on = self._content_for(source, size, may_read)
             region_id = self._new_id()
             # Reserved under the lock, so concurrent creations cannot together pass a limit.
             self._reserve(owner_uid, size, +1)

@@ -292,3 +292,61 @@ def test_identities_are_limited_per_uid(service_dir: Path, shm_prefix: str) -> N
         identify(service.runtime_dir / "handoff.sock").close()
     finally:
         service.stop()
+
+
+def _create_from_files(socket_path: str, paths: list[str]) -> list[str]:
+    outcomes = []
+    with Client(socket_path) as client:
+        for path in paths:
+            try:
+                made = client.create_region(PAGE, source=Source.of_file(path))
+                client.delete_region(made.id)  # within the service's two regions per uid
+                outcomes.append("allowed")
+            except errors.ShmfaultError as exc:
+                outcomes.append(type(exc).__name__)
+    return outcomes
+
+
+def test_a_file_source_must_be_readable_by_the_caller_itself(
+    shared: Service, group: tuple[str, int], open_dir: Path
+) -> None:
+    """docs/security.md §3.2: the service (root) opens file sources for its callers; it refuses
+    to open for a caller a file that caller could not read itself, by the file's mode bits,
+    after following symlinks."""
+    gid = group[1]
+    files = open_dir / "files"
+    files.mkdir(mode=0o755)
+
+    def make(name: str, mode: int, uid: int = 0, file_gid: int = 0) -> str:
+        path = files / name
+        path.write_bytes(bytes(PAGE))
+        os.chown(path, uid, file_gid)
+        os.chmod(path, mode)
+        return str(path)
+
+    secret = make("secret", 0o600)
+    paths = [
+        secret,
+        make("alices", 0o600, uid=ALICE),
+        make("everyones", 0o644),
+        make("groups", 0o640, file_gid=gid),
+        make("others-group", 0o640, file_gid=gid + 1),
+        make("alices-but-unreadable", 0o200, uid=ALICE),
+    ]
+    link = files / "link-to-secret"
+    link.symlink_to(secret)
+    os.lchown(link, ALICE, gid)
+    paths.append(str(link))
+    outcomes = as_uid(ALICE, gid, _create_from_files, str(shared.socket), paths)
+    denied = "PermissionDeniedError"
+    assert outcomes == [denied, "allowed", "allowed", "allowed", denied, denied, denied]
+    # Root may use any file the service can read.
+    assert _create_from_files(str(shared.socket), [secret]) == ["allowed"]
+    # So may nobody in particular, only what everyone may read.
+    channel, stub = raw_stub(shared)
+    with channel:
+        for path, expected in ((secret, grpc.StatusCode.PERMISSION_DENIED), (paths[2], None)):
+            request = pb.CreateRegionRequest(
+                size=PAGE, source=pb.Source(file=pb.FileSource(path=path))
+            )
+            assert status_of(lambda r=request: stub.CreateRegion(r)) is expected
