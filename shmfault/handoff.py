@@ -59,6 +59,8 @@ DEFAULT_MAX_ATTACHMENTS = 4096
 DEFAULT_MAX_ATTACHMENTS_PER_UID = 1024
 #: Handshakes in progress at once; more connections wait in the listen backlog.
 MAX_PENDING = 256
+#: Handshakes one uid may have in progress at once (the rest of MAX_PENDING is everyone else's).
+MAX_PENDING_PER_UID = 64
 #: Seconds a restarted service keeps the previous run's attachments for their clients to
 #: re-attach (REATTACH); past it they are forgotten and their regions no longer count them.
 DEFAULT_REATTACH_GRACE = 60.0
@@ -207,6 +209,29 @@ class HandoffServer:
                 return
             connection.setblocking(False)
             credentials = _unix.peer_credentials(connection)
+            mine = sum(1 for h in self._pending.values() if h.uid == credentials.uid)
+            if mine >= MAX_PENDING_PER_UID:
+                # One uid cannot hold every handshake slot: its excess is refused at once, so
+                # the backlog keeps draining for everyone else.
+                logs.event(
+                    _log,
+                    logging.INFO,
+                    "attach_refused",
+                    pid=credentials.pid,
+                    code="LIMIT",
+                    reason="too many handshakes of this uid in progress",
+                )
+                with contextlib.suppress(OSError):
+                    _unix.send_packet(
+                        connection,
+                        protocol.ServiceConnection().error(
+                            ErrorCode.LIMIT,
+                            f"uid {credentials.uid} has {mine} handshakes in progress, the "
+                            "limit per uid",
+                        ),
+                    )
+                connection.close()
+                continue
             handshake = _Handshake(
                 connection,
                 protocol.ServiceConnection(),

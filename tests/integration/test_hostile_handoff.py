@@ -23,6 +23,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,14 +39,15 @@ from shmfault.uffd import Uffd
 from tests import worlds
 from tests.integration.attach_helpers import (
     PAGE,
+    ChildMessages,
     Handoff,
     Memory,
+    child_pool,
     entry_of,
     fd_count,
     handoff_pool,
     make_region,
     service_pid,
-    settle,
     unharmed,
 )
 from tests.integration.conftest import Service
@@ -320,48 +322,88 @@ def test_a_handshake_that_never_sends_its_userfaultfd_frees_its_slot_at_the_time
     assert hurried.stop() == 0
 
 
-@pytest.mark.timeout(60)
-def test_a_flood_of_silent_connections_delays_others_only_until_the_timeout(
-    service_dir: Path, shm_prefix: str, tmp_path: Path
-) -> None:
-    """docs/security.md §4.5: the service runs at most 256 handshakes at once; more connections
-    wait in the listen backlog. A flood of connections that never speak holds them until the
-    handshake timeout, then every one is closed and a client attaches."""
-    hurried = Service(service_dir, shm_prefix, ["--handshake-timeout", "1"])
-    hurried.start()
+FLOODER = 61003  # a uid that is neither root nor the service's
+
+
+def _flood(messages: ChildMessages, handoff: str, gid: int) -> None:
+    """In the child, as FLOODER: open silent connections until the service refuses more; say
+    how many the service took in (handshakes held) and how many it refused at once (LIMIT),
+    hold them until told, then say how many are still held, unanswered."""
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(FLOODER)
     flood: list[socket.socket] = []
-    try:
-        with hurried.client() as client:
-            victim = Victim(hurried, client, tmp_path)
-            for _ in range(300):
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-                sock.setblocking(False)
-                flood.append(sock)
-                try:
-                    sock.connect(victim.handoff)
-                except BlockingIOError:
-                    break  # the backlog is full: the flood is as large as it gets
-            # A client behind the flood gets its turn within a timeout or two.
-            with attach(victim.handoff, victim.region_id, victim.token()) as attachment:
-                assert Memory.of(attachment).read() == victim.source
-            for sock in flood:
-                settle(lambda s=sock: _closed_by_peer(s), "every silent connection is closed")
-            victim.unharmed()
-    finally:
-        for sock in flood:
+    for _ in range(300):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            sock.connect(handoff)
+        except BlockingIOError:
             sock.close()
-    assert hurried.stop() == 0
+            break  # the backlog is full: the flood is as large as it gets
+        flood.append(sock)
+    # The service accepts them all (and refuses the excess) within a moment.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and sum(_peek_refusal(s) for s in flood) < len(flood) - 64:
+        time.sleep(0.05)
+    refused = [s for s in flood if _refusal(s) == ErrorCode.LIMIT]
+    held = [s for s in flood if s not in refused]
+    messages.send((len(held), len(refused)))
+    assert messages.recv() == "done"
+    messages.send(sum(1 for s in held if _refusal(s) is None))
+    for sock in flood:
+        sock.close()
 
 
-def _closed_by_peer(sock: socket.socket) -> bool:
+def _peek_refusal(sock: socket.socket) -> bool:
+    """An answer waits on ``sock``, not taken."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+
+
+def _refusal(sock: socket.socket) -> ErrorCode | None:
+    """The code of the ERROR waiting on ``sock`` (non-blocking), None if nothing is there."""
     try:
         packet = _unix.recv_packet(sock)
     except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    # ERROR TIMEOUT first, then the end of the connection.
-    return packet is None
+        return None
+    if packet is None:
+        return None
+    message = protocol.decode(packet.data)
+    return message.code if isinstance(message, ErrorMessage) else None
+
+
+@pytest.mark.timeout(60)
+def test_a_flood_of_silent_connections_from_one_uid_does_not_delay_another(
+    open_dir: Path, shm_prefix: str, nobody: pwd.struct_passwd, tmp_path: Path
+) -> None:
+    """docs/security.md §4.5: one uid holds at most 64 of the 256 handshake slots; the
+    service refuses its excess at once (ERROR LIMIT), so the backlog keeps draining, and
+    another uid attaches while the whole flood is still held (its handshake timeout far
+    away)."""
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    hurried = Service(open_dir, shm_prefix, ["--group", group, "--handshake-timeout", "60"])
+    hurried.start()
+    pool = child_pool()
+    spawn = next(pool)
+    try:
+        with hurried.client() as client:
+            victim = Victim(hurried, client, tmp_path)
+            flooder = spawn(_flood, victim.handoff, nobody.pw_gid)
+            held, refused = flooder.recv()
+            assert held == 64, (held, refused)
+            assert refused > 0
+            with attach(victim.handoff, victim.region_id, victim.token()) as attachment:
+                assert Memory.of(attachment).read() == victim.source
+            flooder.send("done")
+            assert flooder.recv() == held  # attached while every one of them was held
+            victim.unharmed()
+    finally:
+        for _ in pool:
+            pass
+    assert hurried.stop() == 0
 
 
 # --- §4.3: the declared range must be the region, mapped where the client says ---
