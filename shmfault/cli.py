@@ -241,7 +241,8 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         dest="spin_us",
         metavar="MICROSECONDS",
         help="after serving a fault, poll this long before sleeping: lower latency for "
-        "clients that fault again soon, for that much CPU (default 0)",
+        "clients that fault again soon, for that much CPU; after a longer gap only a 1/16 "
+        "probe (default 200; 0: never)",
     )
     parser.add_argument(
         "--reattach-grace",

@@ -71,6 +71,9 @@ _BASE_PAGE = os.sysconf("SC_PAGESIZE")
 _log = logging.getLogger("shmfault.engine")
 
 
+#: After a gap longer than the spin window, spin only this fraction of it (a probe).
+SPIN_PROBE_DIVISOR = 16
+
 #: Faults and events read per read(2) of a userfaultfd.
 EVENTS_PER_READ = 64
 #: Times one fault is retried after EAGAIN (with the queued events read in between) before it is
@@ -349,6 +352,12 @@ class _Stalled(Exception):
     """The client made the engine's read of its userfaultfd block: end the attachment."""
 
 
+def spin_window(gap_ns: int, spin_ns: int) -> int:
+    """The spin after a burst of activity that came ``gap_ns`` after the previous one: the whole
+    ``spin_ns`` when such a spin would have caught that burst, else a 1/16 probe."""
+    return spin_ns if gap_ns <= spin_ns else spin_ns // SPIN_PROBE_DIVISOR
+
+
 def _interrupt_only(signum: int, frame: object) -> None:
     """STALL_SIGNAL's handler: its delivery interrupts the engine's read; nothing else."""
 
@@ -372,7 +381,9 @@ class FaultEngine:
     many microseconds before it blocks in epoll again. A client that faults again within that
     time is served without the cross-CPU wake-up of a sleeping thread (tens of microseconds on
     virtual machines), at the cost of that much CPU after each burst of activity (``spin``
-    counters in :meth:`engine_stats`). 0 never spins.
+    counters in :meth:`engine_stats`). Adaptive: when the last gap between two bursts was longer
+    than the window, the next window is only a 1/16 probe, so a client faulting a little too
+    far apart for the spin to catch does not cost a CPU for nothing. 0 never spins.
     """
 
     def __init__(
@@ -396,6 +407,10 @@ class FaultEngine:
             raise ValueError(f"spin_us must be >= 0, not {spin_us}")
         self.fault_around_pages = fault_around_pages
         self.spin_ns = spin_us * 1000
+        #: the current spin window (adaptive: the whole spin_us, or a short probe)
+        self.spin_window_ns = self.spin_ns
+        #: windows cut down to a probe (the gap before them was longer than spin_us)
+        self.spin_probes = 0
         #: polls made while spinning, those that found work, and time spent spinning
         self.spin_polls = 0
         self.spin_hits = 0
@@ -486,6 +501,8 @@ class FaultEngine:
         without a lock: a batch behind at most)."""
         return {
             "spin_us": self.spin_ns // 1000,
+            "spin_window_us": self.spin_window_ns // 1000,
+            "spin_probes": self.spin_probes,
             "spin_polls": self.spin_polls,
             "spin_hits": self.spin_hits,
             "spin_time_ns": self.spin_time_ns,
@@ -521,19 +538,31 @@ class FaultEngine:
     def _run(self) -> None:
         try:
             spin_until = 0
+            idle_since = 0  # when the engine last finished serving something
             while True:
                 # While a replay is pending, look at the fds without waiting: faults first, then
                 # one step of the replay. Just after activity, likewise (spin_us).
                 now = time.monotonic_ns() if self.spin_ns else 0
                 spinning = now < spin_until
+                if spin_until and not spinning:  # the window ran out
+                    self.spin_time_ns += spin_until - idle_since
+                    spin_until = 0
                 ready = self._epoll.poll(0 if self._prefetching or spinning else -1)
                 if spinning:
                     self.spin_polls += 1
-                    self.spin_time_ns += time.monotonic_ns() - now
-                    if ready:
+                    if ready:  # the window caught work
                         self.spin_hits += 1
+                        self.spin_time_ns += time.monotonic_ns() - idle_since
+                        spin_until = 0
                 if ready and self.spin_ns:
-                    spin_until = time.monotonic_ns() + self.spin_ns
+                    # Adaptive: spin the whole window after activity only when the last gap
+                    # between activities fitted in it (a spin would have caught it); otherwise
+                    # only a short probe, so that a client faulting a little further apart
+                    # than the window does not cost a CPU for nothing.
+                    self.spin_window_ns = spin_window(
+                        time.monotonic_ns() - idle_since, self.spin_ns
+                    )
+                    self.spin_probes += self.spin_window_ns < self.spin_ns
                 for fd, _mask in ready:
                     kind, attachment = self._fds.get(fd, (None, None))
                     if kind == _CONTROL:
@@ -549,6 +578,10 @@ class FaultEngine:
                         self._finish(attachment, "the client process exited")
                 if self._prefetching:
                     self._prefetch_step()
+                if ready and self.spin_ns:
+                    # The window starts once the work is done, not while it is being done.
+                    idle_since = time.monotonic_ns()
+                    spin_until = idle_since + self.spin_window_ns
         except Exception:
             logs.exception(_log, "engine_crashed")
             raise

@@ -137,7 +137,8 @@ class ServerConfig:
     fault_around_pages: int = 16
     # Sequential access grows the window up to this; at or below fault_around_pages: no growth.
     fault_around_max_pages: int = 256
-    spin_us: int = 0
+    # Poll this long after serving before sleeping (adaptive: a probe after long gaps).
+    spin_us: int = 200
     handshake_timeout: float = 10.0
     reattach_grace: float = 60.0
     max_attachments: int = 4096

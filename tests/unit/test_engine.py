@@ -26,6 +26,7 @@ from shmfault.engine import (
     MappedRange,
     _runs,
     new_attachment_id,
+    spin_window,
 )
 from shmfault.events import Remap
 from shmfault.modes import Mode
@@ -401,3 +402,16 @@ def test_huge_pages_keep_the_block_however_sequential() -> None:
 def test_a_maximum_below_the_block_is_refused() -> None:
     with pytest.raises(ValueError, match="below"):
         FaultEngine(fault_around_pages=16, fault_around_max_pages=8)
+
+
+# --- the spin policy ---
+
+
+def test_the_spin_window_is_whole_after_a_gap_it_would_have_caught_and_a_probe_after_a_longer() -> (
+    None
+):
+    assert spin_window(0, 200_000) == 200_000
+    assert spin_window(200_000, 200_000) == 200_000
+    assert spin_window(200_001, 200_000) == 200_000 // 16
+    assert spin_window(10**9, 200_000) == 12_500
+    assert spin_window(5, 0) == 0
