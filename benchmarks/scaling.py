@@ -546,6 +546,11 @@ def scale_attachments(ws: Workspace, rep: int, say: Callable[[str], None]) -> Re
         "rss_per_region": _per(status_regions, status_start, count, "VmRSS"),
         "rss_per_attachment": _per(status_attached, status_regions, attached, "VmRSS"),
         "anon_per_attachment": _per(status_attached, status_regions, attached, "RssAnon"),
+        # Source-file pages the service's mappings of the sources hold (RssFile, or RssShmem
+        # for a source on tmpfs) are the file's own pages, there with or without the service:
+        # its own memory is the rest.
+        "file_per_attachment": (_per(status_attached, status_regions, attached, "RssFile") or 0.0)
+        + (_per(status_attached, status_regions, attached, "RssShmem") or 0.0),
         "fds_per_attachment": _per(status_attached, status_regions, attached, "fds"),
         "threads_added": status_attached["Threads"] - status_regions["Threads"],
         "rss_kept_per_attachment": _per(status_detached, status_regions, attached, "VmRSS"),
