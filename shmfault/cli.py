@@ -252,6 +252,13 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="after a restart, time the previous run's clients get to re-attach (default 60)",
     )
     parser.add_argument(
+        "--token-ttl",
+        type=float,
+        dest="token_ttl",
+        metavar="SECONDS",
+        help="an attach token not used within this long is no longer valid (default 86400)",
+    )
+    parser.add_argument(
         "--no-probe-round-trips",
         action="store_false",
         default=None,

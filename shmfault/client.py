@@ -25,7 +25,7 @@ from typing import Any, Self, TypeVar
 import grpc
 
 from shmfault.attach import DEFAULT_TIMEOUT as DEFAULT_ATTACH_TIMEOUT
-from shmfault.attach import Attachment, IdentityLink, identify
+from shmfault.attach import AttachError, Attachment, IdentityLink, identify
 from shmfault.attach import attach as attach_region
 from shmfault.errors import (
     InvalidArgumentError,
@@ -36,6 +36,7 @@ from shmfault.errors import (
 )
 from shmfault.identity import CREDENTIAL_METADATA_KEY
 from shmfault.memory import CHUNK_BYTES, BackingKind
+from shmfault.protocol import ErrorCode
 from shmfault.server import MAX_MESSAGE_BYTES, default_socket_path
 from shmfault.service import (
     BACKING_TO_PROTO,
@@ -357,6 +358,15 @@ class Client:
             region_id, token, handoff = region.id, region.attach_token, region.handoff_socket
             # A token attaches once: remember it so this Region is not offered it again.
             self._spent_tokens.add(token)
+            try:
+                return attach_region(
+                    handoff, region_id, token, mode=mode, minimum=require, timeout=timeout
+                )
+            except AttachError as exc:
+                if exc.code is not ErrorCode.DENIED or "expired" not in str(exc):
+                    raise
+            # The Region's token outlived its lifetime (--token-ttl): ask for a fresh one.
+            region_id, token, handoff = self.issue_attach_token(region_id)
         else:
             reference = region.id if isinstance(region, Region) else region
             region_id, token, handoff = self.issue_attach_token(

@@ -46,7 +46,7 @@ from shmfault.firecracker import Limits as EndpointLimits
 from shmfault.handoff import HandoffServer
 from shmfault.identity import Identities
 from shmfault.recording_store import RecordingStore
-from shmfault.store import Limits, RegionStore, parse_size
+from shmfault.store import DEFAULT_TOKEN_TTL, Limits, RegionStore, parse_size
 
 SOCKET_NAME = "shmfault.sock"
 HANDOFF_SOCKET_NAME = "handoff.sock"
@@ -141,6 +141,8 @@ class ServerConfig:
     spin_us: int = 200
     handshake_timeout: float = 10.0
     reattach_grace: float = 60.0
+    # Seconds an attach token stays valid unused.
+    token_ttl: float = DEFAULT_TOKEN_TTL
     max_attachments: int = 4096
     max_attachments_per_uid: int = 1024
 
@@ -178,6 +180,8 @@ class ServerConfig:
             )
         if not 0 <= config.spin_us <= 1_000_000:
             raise ConfigError(f"spin_us must be 0-1000000, not {config.spin_us}")
+        if config.token_ttl <= 0:
+            raise ConfigError(f"token_ttl must be positive, not {config.token_ttl}")
         if config.reattach_grace < 0:
             raise ConfigError(f"reattach_grace must not be negative, not {config.reattach_grace}")
         for path in (config.socket, config.handoff_socket):
@@ -447,6 +451,7 @@ class Server:
             handoff_socket=config.handoff_socket,
             shm_prefix=config.shm_prefix,
             source_roots=config.source_roots,
+            token_ttl=config.token_ttl,
         )
         store = self.store
         self.recordings = RecordingStore(Path(config.state_dir) / "recordings")

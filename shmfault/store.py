@@ -340,6 +340,8 @@ class UnavailableContent:
 
 #: Unused attach tokens kept per region; issuing more invalidates the oldest.
 MAX_UNUSED_TOKENS = 1024
+#: Seconds an attach token stays valid unused.
+DEFAULT_TOKEN_TTL = 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,6 +362,8 @@ class _Entry:
     dependents: set[str] = field(default_factory=set)
     #: attach tokens not yet used (hashed), with what each asks of its attachment
     token_hashes: dict[bytes, AttachOptions] = field(default_factory=dict)
+    #: when each of them was issued (time.monotonic)
+    token_issued: dict[bytes, float] = field(default_factory=dict)
 
 
 def _token_hash(token: str) -> bytes:
@@ -501,8 +505,10 @@ class RegionStore:
         handoff_socket: str = "",
         shm_prefix: str = "shmfault",
         source_roots: tuple[str, ...] = (),
+        token_ttl: float = DEFAULT_TOKEN_TTL,
     ) -> None:
         """Open (creating if needed) the database in ``state_dir`` and restore its regions.
+        An attach token not used within ``token_ttl`` seconds is no longer valid.
 
         Blocks for the restore: reopening posix-shm objects, recreating memfd backings and
         refilling eager regions whose content was reset. ``source_roots``, when not empty,
@@ -516,6 +522,9 @@ class RegionStore:
         self.handoff_socket = handoff_socket
         self.shm_prefix = shm_prefix
         self.source_roots = tuple(os.path.realpath(root) for root in source_roots)
+        if token_ttl <= 0:
+            raise InvalidArgumentError(f"token_ttl must be positive, not {token_ttl}", "token_ttl")
+        self.token_ttl = token_ttl
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._names: dict[str, str] = {}
@@ -807,7 +816,13 @@ class RegionStore:
             with self._lock:
                 with self._transaction() as db:
                     db.execute("UPDATE regions SET state = 'ready' WHERE id = ?", (region_id,))
-                entry = _Entry(region, data, token_hashes={_token_hash(token): AttachOptions()})
+                digest = _token_hash(token)
+                entry = _Entry(
+                    region,
+                    data,
+                    token_hashes={digest: AttachOptions()},
+                    token_issued={digest: time.monotonic()},
+                )
                 self._entries[region_id] = entry
         except OSError as exc:
             self._abort_create(region, content if data is None else None, data, depends_on)
@@ -1008,12 +1023,17 @@ class RegionStore:
         attachment. Raises RegionNotFoundError."""
         token = secrets.token_urlsafe(32)
         with self._lock:
-            hashes = self._lookup(ref).token_hashes
-            hashes[_token_hash(token)] = options or AttachOptions()
+            entry = self._lookup(ref)
+            hashes = entry.token_hashes
+            digest = _token_hash(token)
+            hashes[digest] = options or AttachOptions()
+            entry.token_issued[digest] = time.monotonic()
             if len(hashes) > MAX_UNUSED_TOKENS:
                 # A client that asks for tokens and never attaches must not grow the service
                 # without bound: the oldest unused token stops being valid.
-                del hashes[next(iter(hashes))]
+                oldest = next(iter(hashes))
+                del hashes[oldest]
+                entry.token_issued.pop(oldest, None)
         return token
 
     def redeem_token(self, region_id: str, token: str) -> tuple[RegionBacking, AttachOptions]:
@@ -1029,6 +1049,13 @@ class RegionStore:
                     "token",
                 )
             options = entry.token_hashes.pop(digest)
+            age = time.monotonic() - entry.token_issued.pop(digest, 0.0)
+            if age > self.token_ttl:
+                raise PermissionDeniedError(
+                    f"attach token for region {entry.region.id} expired: issued {age:.0f} s "
+                    f"ago, valid for {self.token_ttl:.0f} s",
+                    "token",
+                )
             entry.attachments += 1
             return entry.data, options
 

@@ -406,6 +406,34 @@ def test_a_flood_of_silent_connections_from_one_uid_does_not_delay_another(
     assert hurried.stop() == 0
 
 
+@pytest.mark.timeout(30)
+def test_a_token_not_used_within_its_lifetime_is_refused(
+    service_dir: Path, shm_prefix: str, tmp_path: Path
+) -> None:
+    """docs/security.md §4.1: an attach token is valid for --token-ttl seconds (a day by
+    default); after that the handshake is refused DENIED, and a fresh token attaches."""
+    hurried = Service(service_dir, shm_prefix, ["--token-ttl", "0.5"])
+    hurried.start()
+    try:
+        with hurried.client() as client:
+            victim = Victim(hurried, client, tmp_path)
+            stale = victim.token()
+            time.sleep(1)
+            with pytest.raises(AttachError) as caught:
+                attach(victim.handoff, victim.region_id, stale)
+            assert caught.value.code is ErrorCode.DENIED
+            assert "expired" in str(caught.value)
+            # The client library takes a fresh token when a Region's own has expired.
+            region = client.create_region(PAGE)
+            time.sleep(1)
+            with client.attach(region) as attached:
+                assert attached.length == PAGE
+            client.delete_region(region.id)
+            victim.unharmed()
+    finally:
+        hurried.stop()
+
+
 # --- §4.3: the declared range must be the region, mapped where the client says ---
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -382,6 +383,26 @@ def test_tokens_are_single_use_and_attachments_block_delete(store: RegionStore) 
     second = store.issue_token(region.id)
     store.redeem_token(region.id, second)
     assert store.delete(region.id, force=True).attachments == 1
+
+
+def test_a_token_not_used_in_time_expires(state_dir: Path, shm_prefix: str) -> None:
+    store = RegionStore(state_dir, shm_prefix=shm_prefix, token_ttl=0.2)
+    try:
+        region = store.create(PAGE)
+        fresh = store.issue_token(region.id)
+        time.sleep(0.3)
+        with pytest.raises(PermissionDeniedError, match="expired"):
+            store.redeem_token(region.id, region.attach_token)
+        # Spent by the try: it does not come back, and nothing was counted.
+        with pytest.raises(PermissionDeniedError, match="unknown or used"):
+            store.redeem_token(region.id, region.attach_token)
+        with pytest.raises(PermissionDeniedError, match="expired"):
+            store.redeem_token(region.id, fresh)
+        assert store.get(region.id).attachments == 0
+        store.redeem_token(region.id, store.issue_token(region.id))
+        assert store.get(region.id).attachments == 1
+    finally:
+        store.close()
 
 
 def test_a_token_carries_its_attach_options_and_the_default_is_none(store: RegionStore) -> None:
