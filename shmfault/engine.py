@@ -32,6 +32,7 @@ benchmarks measure.
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import contextlib
 import ctypes
 import errno
@@ -73,6 +74,12 @@ _log = logging.getLogger("shmfault.engine")
 
 #: After a gap longer than the spin window, spin only this fraction of it (a probe).
 SPIN_PROBE_DIVISOR = 16
+
+#: A copy at least this long is split in two, the second half issued on the copier thread
+#: while the engine thread does the first: the kernel's copy (page allocation and memcpy) is the
+#: bound of a large window, and UFFDIO_COPY releases the GIL (fcntl.ioctl), so the two run on
+#: two CPUs at once.
+PARALLEL_COPY_BYTES = 256 * 1024
 
 #: Faults and events read per read(2) of a userfaultfd.
 EVENTS_PER_READ = 64
@@ -432,6 +439,12 @@ class FaultEngine:
         self._reading: tuple[Attachment, float] | None = None
         #: the attachment whose read the stall guard interrupted
         self._stalled: Attachment | None = None
+        #: the thread that copies the second half of a large window (None on one CPU)
+        self._copier: concurrent.futures.ThreadPoolExecutor | None = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shmfault-copier")
+            if (os.cpu_count() or 1) > 1
+            else None
+        )
         #: buffers of the engine thread, reused: one read's records, one ioctl's argument
         self._read_buffer = bytearray(EVENTS_PER_READ * UFFD_MSG_SIZE)
         self._ioctl_arg = bytearray(UFFDIO_COPY_STRUCT.size)  # the largest of them
@@ -484,6 +497,8 @@ class FaultEngine:
             os.eventfd_write(self._wakeup, 1)
             self._thread.join(timeout)
         self._running = False
+        if self._copier is not None:
+            self._copier.shutdown(wait=True)
         with contextlib.suppress(OSError):
             self._epoll.close()
         with contextlib.suppress(OSError):
@@ -1059,6 +1074,31 @@ class FaultEngine:
         if offset is not None and not served:
             self._wake(attachment, offset + delta)
 
+    def _copy(self, uffd: Uffd, address: int, source: int, length: int, page: int) -> None:
+        """UFFDIO_COPY ``length`` bytes from ``source`` to ``address``, a large copy in two
+        halves on two threads at once. Fails as one copy would: EEXIST or EAGAIN with ``done``
+        counting the bytes in place from ``address`` on (a second half that got further than a
+        failed first leaves pages mapped that a later fill finds with EEXIST)."""
+        half = length // 2 - (length // 2) % page  # 0 for a single (huge) page
+        if self._copier is None or length < PARALLEL_COPY_BYTES or not half:
+            uffd.copy(address, source, length, arg=self._ioctl_arg)
+            return
+        second = self._copier.submit(uffd.copy, address + half, source + half, length - half)
+        try:
+            uffd.copy(address, source, half, arg=self._ioctl_arg)
+        except BaseException:
+            # Never return while the copier still writes into this client's memory.
+            with contextlib.suppress(UffdError, OSError):
+                second.result()
+            raise
+        try:
+            second.result()
+        except (UffdPageExistsError, UffdRetryError) as exc:
+            # The first half is in place: a partial copy of the whole, as the kernel says it.
+            raise UffdRetryError(
+                errno.EAGAIN, "UFFDIO_COPY", address, length, done=half + exc.done
+            ) from None
+
     def _copy_holes(
         self, attachment: Attachment, start: int, end: int, offset: int | None, delta: int
     ) -> bool:
@@ -1103,7 +1143,7 @@ class FaultEngine:
         source = content.address(start, end - start)
         if source is not None:
             try:
-                uffd.copy(address, source, end - start, arg=self._ioctl_arg)
+                self._copy(uffd, address, source, end - start, region.page_size)
                 return
             except UffdError as exc:
                 if exc.errno != errno.EFAULT:
@@ -1170,11 +1210,12 @@ class FaultEngine:
             if not block:
                 block.append(region.peek(start, end - start))
             source = _address_of(block[0]) + (run_start - first) * page
-            uffd.copy(
+            self._copy(
+                uffd,
                 mapped_range.base + run_start * page,
                 source,
                 (run_end - run_start) * page,
-                arg=self._ioctl_arg,
+                page,
             )
 
         served, mapped = self._map_runs(attachment, mapped_range, first, last, index, map_run)

@@ -1,5 +1,6 @@
 """FaultEngine's pure parts, without a kernel: the bitmap runs, the statistics, the fault-around
-window and the bookkeeping of REMOVE/UNMAP/REMAP events.
+window, the bookkeeping of REMOVE/UNMAP/REMAP events, the spin policy and how a large copy is
+split over two threads.
 
 The engine's constructor makes an epoll and an eventfd but starts no thread; ``stop()`` on an
 engine that never started only closes those two. Attachments are built with a stand-in region
@@ -8,6 +9,7 @@ engine that never started only closes those two. Attachments are built with a st
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -18,6 +20,7 @@ from shmfault.engine import (
     ABSENT,
     LATENCY_BOUNDS_NS,
     MAPPED,
+    PARALLEL_COPY_BYTES,
     REMOVED,
     ZEROED,
     Attachment,
@@ -28,6 +31,7 @@ from shmfault.engine import (
     new_attachment_id,
     spin_window,
 )
+from shmfault.errors import UffdError, UffdPageExistsError, UffdRetryError
 from shmfault.events import Remap
 from shmfault.modes import Mode
 
@@ -415,3 +419,63 @@ def test_the_spin_window_is_whole_after_a_gap_it_would_have_caught_and_a_probe_a
     assert spin_window(200_001, 200_000) == 200_000 // 16
     assert spin_window(10**9, 200_000) == 12_500
     assert spin_window(5, 0) == 0
+
+
+# --- large copies in two halves ---
+
+
+class _HalvesUffd:
+    """Records each UFFDIO_COPY (from whichever thread); fails the ones starting at ``fail_at``
+    with ``error``."""
+
+    def __init__(self, fail_at: int = -1, error: UffdError | None = None) -> None:
+        self.copies: list[tuple[int, int, int]] = []
+        self.fail_at = fail_at
+        self.error = error
+
+    def copy(
+        self, destination: int, source: int, length: int, *, arg: bytearray | None = None
+    ) -> int:
+        self.copies.append((destination, source, length))
+        if destination == self.fail_at and self.error is not None:
+            raise self.error
+        return length
+
+
+def test_a_large_copy_is_split_in_two_page_aligned_halves(engine: FaultEngine) -> None:
+    if engine._copier is None:
+        pytest.skip("one CPU: large copies are not split")
+    fake = _HalvesUffd()
+    length = PARALLEL_COPY_BYTES + 3 * PAGE
+    engine._copy(fake, 0x10_0000, 0x90_0000, length, PAGE)  # type: ignore[arg-type]
+    half = length // 2 - (length // 2) % PAGE
+    assert sorted(fake.copies) == [
+        (0x10_0000, 0x90_0000, half),
+        (0x10_0000 + half, 0x90_0000 + half, length - half),
+    ]
+    small = _HalvesUffd()
+    engine._copy(small, 0x10_0000, 0x90_0000, PARALLEL_COPY_BYTES - PAGE, PAGE)  # type: ignore[arg-type]
+    assert len(small.copies) == 1
+    # One huge page cannot be split.
+    huge = _HalvesUffd()
+    engine._copy(huge, 0x20_0000, 0x40_0000, 2 << 20, 2 << 20)  # type: ignore[arg-type]
+    assert huge.copies == [(0x20_0000, 0x40_0000, 2 << 20)]
+
+
+def test_a_second_half_that_stops_is_a_partial_copy_of_the_whole(engine: FaultEngine) -> None:
+    if engine._copier is None:
+        pytest.skip("one CPU: large copies are not split")
+    length = 2 * PARALLEL_COPY_BYTES
+    half = length // 2
+    exists = UffdPageExistsError(errno.EEXIST, "UFFDIO_COPY", 0, 0, done=0)
+    fake = _HalvesUffd(fail_at=0x10_0000 + half, error=exists)
+    with pytest.raises(UffdRetryError) as caught:
+        engine._copy(fake, 0x10_0000, 0x90_0000, length, PAGE)  # type: ignore[arg-type]
+    assert caught.value.done == half
+    # A first half that stops is the error, as is: its done counts from the start.
+    partial = UffdRetryError(errno.EAGAIN, "UFFDIO_COPY", 0, 0, done=2 * PAGE)
+    fake = _HalvesUffd(fail_at=0x10_0000, error=partial)
+    with pytest.raises(UffdRetryError) as caught:
+        engine._copy(fake, 0x10_0000, 0x90_0000, length, PAGE)  # type: ignore[arg-type]
+    assert caught.value.done == 2 * PAGE
+    assert len(fake.copies) == 2  # the second half ran, and was waited for
