@@ -1207,6 +1207,21 @@ class FaultEngine:
         block: list[bytes] = []  # read only when some page of the block is missing
 
         def map_run(run_start: int, run_end: int) -> None:
+            destination = mapped_range.base + run_start * page
+            length = (run_end - run_start) * page
+            with region.locked():
+                # Where the region has none of the run's pages, its bytes are the source's:
+                # copied straight from the source's mapping, under the region lock (no fill or
+                # write can land meanwhile, and the mapping stays alive).
+                source = _source_in_place(region, start + (run_start - first) * page, length)
+                if source is not None:
+                    try:
+                        self._copy(uffd, destination, source, length, page)
+                        return
+                    except UffdError as exc:
+                        if exc.errno != errno.EFAULT:
+                            raise
+                        # The source shrank: the read below raises the error that says so.
             if not block:
                 block.append(region.peek(start, end - start))
             source = _address_of(block[0]) + (run_start - first) * page
@@ -1365,6 +1380,17 @@ class FaultEngine:
         # Advanced last: GetStats reads it from another thread, and "nothing pending" must
         # mean the pages are in.
         attachment.replay_next = begin + PREFETCH_PAGES
+
+
+def _source_in_place(region: RegionBacking, offset: int, length: int) -> int | None:
+    """Where this process has the bytes of region ``[offset, offset + length)`` in place: the
+    mapping of a file source, when the region file has none of those pages (all holes). None:
+    read them. The caller holds the region lock."""
+    if region.content.zero:
+        return None
+    if list(region.backing.holes(offset, offset + length)) != [(offset, offset + length)]:
+        return None
+    return region.content.address(offset, length)
 
 
 def _runs(bitmap: bytearray, first: int, last: int) -> Iterator[tuple[int, int]]:

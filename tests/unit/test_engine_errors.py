@@ -17,6 +17,7 @@ under test, which no real kernel can be made to produce on demand for every errn
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from collections.abc import Iterator
@@ -101,6 +102,11 @@ class Region:
     page_size = PAGE
     region_id = "r0000000000aa"
     backing = SimpleNamespace(kind=BackingKind.MEMFD)
+    #: zero content: never copied in place from a source mapping, always read (peek)
+    content = SimpleNamespace(zero=True)
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     def peek(self, offset: int, length: int) -> bytes:
         return bytes(length)
