@@ -65,6 +65,23 @@ class Caller:
         owns (None: a region nobody owns, which everyone may use)."""
         return owner_uid is None or self.admin or owner_uid == self.uid
 
+    def may_create_in(self, directory: os.stat_result) -> bool:
+        """Whether this caller could create a file in a directory with ``directory``'s mode
+        itself (write and search permission by the mode bits): the service (root) binds
+        Firecracker endpoint sockets where callers ask. Admins may anywhere the service can."""
+        if self.admin:
+            return True
+        wanted_user, wanted_group, wanted_other = (
+            stat.S_IWUSR | stat.S_IXUSR,
+            stat.S_IWGRP | stat.S_IXGRP,
+            stat.S_IWOTH | stat.S_IXOTH,
+        )
+        if self.uid is not None and directory.st_uid == self.uid:
+            return directory.st_mode & wanted_user == wanted_user
+        if directory.st_gid in self.groups:
+            return directory.st_mode & wanted_group == wanted_group
+        return directory.st_mode & wanted_other == wanted_other
+
     def describe(self) -> str:
         return "an anonymous caller" if self.uid is None else f"uid {self.uid}"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
@@ -624,7 +625,11 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
     ) -> pb.FirecrackerEndpoint:
         """See the proto."""
         try:
-            self._region(self._caller(context), request.region)
+            caller = self._caller(context)
+            self._region(caller, request.region)
+            if request.replay:
+                self._check_recording(caller, self._recording_store().info(request.replay))
+            _check_socket_directory(caller, request.socket_path)
             opened = self._endpoints().open(
                 request.region, request.socket_path, record=request.record, replay=request.replay
             )
@@ -691,6 +696,20 @@ def _check_use(caller: Caller, owner_uid: int | None, what: str, field: str) -> 
         whose = "a region that no longer exists" if owner_uid == _GONE else f"uid {owner_uid}"
         raise errors.PermissionDeniedError(
             f"{what} belongs to {whose}; {caller.describe()} may not use it", field
+        )
+
+
+def _check_socket_directory(caller: Caller, socket_path: str) -> None:
+    """The service binds an endpoint's socket as its own uid: only where the caller could
+    create a file itself. (A path the service cannot use fails later, with its own error.)"""
+    try:
+        directory = os.stat(os.path.dirname(socket_path) or "/")
+    except OSError:
+        return
+    if not caller.may_create_in(directory):
+        raise errors.PermissionDeniedError(
+            f"{caller.describe()} may not create files in the directory of {socket_path}",
+            "socket_path",
         )
 
 

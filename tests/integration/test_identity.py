@@ -350,3 +350,38 @@ def test_a_file_source_must_be_readable_by_the_caller_itself(
                 size=PAGE, source=pb.Source(file=pb.FileSource(path=path))
             )
             assert status_of(lambda r=request: stub.CreateRegion(r)) is expected
+
+
+def _open_endpoints(socket_path: str, paths: list[str]) -> list[str]:
+    outcomes = []
+    with Client(socket_path) as client:
+        region = client.create_region(PAGE)
+        for path in paths:
+            try:
+                endpoint = client.open_firecracker_endpoint(region.id, path)
+                client.close_firecracker_endpoint(endpoint["id"])
+                outcomes.append("allowed")
+            except errors.ShmfaultError as exc:
+                outcomes.append(type(exc).__name__)
+        client.delete_region(region.id)
+    return outcomes
+
+
+def test_an_endpoint_socket_goes_only_where_its_caller_could_create_a_file(
+    shared: Service, group: tuple[str, int], open_dir: Path
+) -> None:
+    """docs/security.md §3.1: the service binds a Firecracker endpoint's socket as root, so a
+    caller may only have it made in a directory it could write itself."""
+    gid = group[1]
+    roots = open_dir / "roots"
+    roots.mkdir(mode=0o755)
+    alices = open_dir / "alices"
+    alices.mkdir(mode=0o700)
+    os.chown(alices, ALICE, gid)
+    shared_tmp = open_dir / "tmp"
+    shared_tmp.mkdir()
+    os.chmod(shared_tmp, 0o1777)
+    paths = [str(roots / "a.sock"), str(alices / "a.sock"), str(shared_tmp / "a.sock")]
+    outcomes = as_uid(ALICE, gid, _open_endpoints, str(shared.socket), paths)
+    assert outcomes == ["PermissionDeniedError", "allowed", "allowed"]
+    assert not (roots / "a.sock").exists()
