@@ -78,16 +78,22 @@ class Client:
     Connecting is lazy: an unreachable service is reported by the first call. Over a unix
     socket, the first call also identifies this process to the service (docs/protocol.md §3.7),
     so that the regions it creates belong to its uid and the calls it makes may use them; the
-    identity connection is held until :meth:`close`. Where identifying fails (a service without
-    identities, a handoff socket this process may not reach) the client calls anonymously and
-    ``identity_error`` says why.
+    identity connection is held until :meth:`close`. A call whose identification fails raises
+    (rather than go on anonymously and create regions anybody may use); ``anonymous=True``
+    skips it, as does a TCP target or a service without identities (``identity_error`` says
+    which).
     """
 
     def __init__(
-        self, target: str | os.PathLike[str] | None = None, *, timeout: float | None = None
+        self,
+        target: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float | None = None,
+        anonymous: bool = False,
     ) -> None:
         self.target = resolve_target(target)
         self.timeout = timeout
+        self.anonymous = anonymous
         self._channel = grpc.insecure_channel(
             self.target,
             options=[
@@ -144,6 +150,12 @@ class Client:
             return ((CREDENTIAL_METADATA_KEY, self._identity.credential.hex()),)
 
     def _identify(self) -> None:
+        """Identify, or decide to call anonymously. Raises (and tries again on the next call)
+        when the service cannot be asked or refuses: failing open would create regions that
+        anybody may use."""
+        if self.anonymous:
+            self.identity_error = "anonymous by request"
+            return
         if not self.target.startswith("unix:"):
             self.identity_error = "a TCP target: the service cannot tell who is calling"
             return
@@ -152,16 +164,20 @@ class Client:
             # anonymously: it names the handoff socket to identify on.
             request = pb.GetCapabilitiesRequest()
             response = self._stub.GetCapabilities(request, timeout=self.timeout)
-        except grpc.RpcError:
-            self._identity_tried = False  # unreachable now: try again on the next call
-            return
+        except grpc.RpcError as exc:
+            self._identity_tried = False
+            raise self._translate(exc) from None
         if not response.handoff_socket:
             self.identity_error = "the service does not offer identities"
             return
         try:
             self._identity = identify(response.handoff_socket, self.timeout or 30.0)
         except (OSError, ShmfaultError) as exc:
-            self.identity_error = f"identifying on {response.handoff_socket} failed: {exc}"
+            self._identity_tried = False
+            raise ServiceUnavailableError(
+                f"cannot identify to the service on {response.handoff_socket}: {exc} (pass "
+                "anonymous=True to call without an identity)"
+            ) from None
 
     def _call(self, function: Callable[[], _T]) -> _T:
         try:

@@ -6,6 +6,7 @@ the service's uid can; anonymous callers share what nobody owns; limits hold per
 from __future__ import annotations
 
 import grp
+import multiprocessing
 import os
 import pwd
 import shutil
@@ -24,7 +25,6 @@ from shmfault.identity import CREDENTIAL_METADATA_KEY
 from shmfault.store import Source
 from shmfault.v1 import shmfault_pb2 as pb
 from shmfault.v1 import shmfault_pb2_grpc as pb_grpc
-from tests import worlds
 from tests.integration.attach_helpers import PAGE, fd_count, service_pid, settle
 from tests.integration.conftest import Service
 
@@ -61,16 +61,40 @@ def shared(open_dir: Path, shm_prefix: str, group: tuple[str, int]) -> Iterator[
     running.stop()
 
 
-def as_uid(uid: int, gid: int, func: Callable[..., Any], *args: Any) -> Any:
-    """``func(*args)`` in a child that runs as ``uid`` (with ``gid``, no other groups)."""
+#: Children that act as other uids are forked from a fork server: a fresh interpreter that
+#: imported this module but never opened a gRPC channel (a child forked from the test process,
+#: whose channels have threads, cannot reliably open its own), and that runs as root until the
+#: child drops to its uid, so nothing needs to be readable by that uid.
+_FORK_SERVER = multiprocessing.get_context("forkserver")
+_FORK_SERVER.set_forkserver_preload([__name__])
 
-    def run() -> Any:
+
+def _run_as(
+    results: Any, uid: int, gid: int, func: Callable[..., Any], args: tuple[Any, ...]
+) -> None:
+    try:
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
-        return func(*args)
+        results.put(("ok", func(*args)))
+    except BaseException as exc:  # whatever it is, the test reports it
+        results.put(("error", f"{type(exc).__name__}: {exc}"))
 
-    return worlds.run_in_child(run, timeout=30)
+
+def as_uid(uid: int, gid: int, func: Callable[..., Any], *args: Any) -> Any:
+    """``func(*args)`` in a child that runs as ``uid`` (with ``gid``, no other groups)."""
+    results = _FORK_SERVER.Queue()
+    child = _FORK_SERVER.Process(target=_run_as, args=(results, uid, gid, func, args))
+    child.start()
+    try:
+        kind, value = results.get(timeout=30)
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    assert kind == "ok", value
+    return value
 
 
 def raw_stub(service: Service) -> tuple[grpc.Channel, pb_grpc.ShmfaultStub]:
