@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -119,6 +121,16 @@ def _no_service_survives() -> Iterator[None]:
 def service_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Short paths: a unix socket address holds at most 107 bytes.
     return Path(tmp_path_factory.mktemp("svc", numbered=True))
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory other uids may traverse, for a service they connect to (the pytest
+    directories are private to root)."""
+    base = Path(tempfile.mkdtemp(prefix="shmfault-open-", dir="/tmp"))
+    os.chmod(base, 0o711)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -19,10 +19,8 @@ import errno
 import grp
 import os
 import pwd
-import shutil
 import socket
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -542,15 +540,6 @@ def nobody() -> pwd.struct_passwd:
         return pwd.getpwnam("nobody")
     except KeyError:
         pytest.skip("no user 'nobody' on this machine")
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A directory another uid may traverse (the pytest ones are private to root)."""
-    base = Path(tempfile.mkdtemp(prefix="shmfault-hostile-", dir="/tmp"))
-    os.chmod(base, 0o711)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def _connect(path: str) -> str:

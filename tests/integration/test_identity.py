@@ -9,8 +9,6 @@ import grp
 import multiprocessing
 import os
 import pwd
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,15 +39,6 @@ def group() -> tuple[str, int]:
     except KeyError:
         pytest.skip("no user 'nobody' on this machine")
     return grp.getgrgid(nobody.pw_gid).gr_name, nobody.pw_gid
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A directory other uids may traverse (the pytest ones are private to root)."""
-    base = Path(tempfile.mkdtemp(prefix="shmfault-identity-", dir="/tmp"))
-    os.chmod(base, 0o711)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
