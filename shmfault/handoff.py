@@ -33,7 +33,7 @@ from shmfault.errors import (
     SourceUnavailableError,
     UffdError,
 )
-from shmfault.identity import Identities, groups_of
+from shmfault.identity import Identities, groups_of, is_admin
 from shmfault.memory import BackingKind, RegionBacking
 from shmfault.modes import (
     FORBIDDEN_FEATURES,
@@ -391,7 +391,7 @@ class HandoffServer:
                 lacking = requirements(mode, hugetlb=True).features & ~self._api_features
                 if lacking:
                     support[mode] = f"the kernel lacks {lacking!r} for hugetlbfs"
-        if region.backing.kind is BackingKind.POSIX_SHM and uid not in (0, os.geteuid()):
+        if region.backing.kind is BackingKind.POSIX_SHM and not is_admin(uid):
             # A posix-shm object cannot be sealed: whoever holds a read-write fd of it can
             # resize it under every sharer. Our own uid could open it in /dev/shm anyway;
             # anybody else gets only modes that do not hand the fd out.

@@ -25,11 +25,18 @@ __all__ = [
     "Caller",
     "Identities",
     "groups_of",
+    "is_admin",
 ]
 
 CREDENTIAL_BYTES = 32
 #: The gRPC metadata entry carrying a credential, as lowercase hex.
 CREDENTIAL_METADATA_KEY = "shmfault-credential"
+
+
+def is_admin(uid: int | None) -> bool:
+    """Root and the service's own uid: they may use every region and every file the service
+    can, and are held to the service's totals, not to the limits per uid."""
+    return uid is not None and uid in (0, os.geteuid())
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +53,7 @@ class Caller:
 
     @classmethod
     def of(cls, uid: int | None, groups: frozenset[int] = frozenset()) -> Caller:
-        return cls(uid, admin=uid is not None and uid in (0, os.geteuid()), groups=groups)
+        return cls(uid, admin=is_admin(uid), groups=groups)
 
     def may_read(self, info: os.stat_result) -> bool:
         """Whether this caller could read a file with ``info`` itself, by its mode bits: the
