@@ -17,11 +17,12 @@ import stat
 import threading
 from dataclasses import dataclass
 
-from shmfault.errors import QuotaExceededError
+from shmfault.errors import PermissionDeniedError, QuotaExceededError
 
 __all__ = [
     "CREDENTIAL_BYTES",
     "CREDENTIAL_METADATA_KEY",
+    "GONE_OWNER",
     "Caller",
     "Identities",
     "groups_of",
@@ -29,6 +30,8 @@ __all__ = [
 ]
 
 CREDENTIAL_BYTES = 32
+#: The owner of something whose region is gone: nobody's uid, so only admins may use it.
+GONE_OWNER = -1
 #: The gRPC metadata entry carrying a credential, as lowercase hex.
 CREDENTIAL_METADATA_KEY = "shmfault-credential"
 
@@ -88,6 +91,31 @@ class Caller:
         if directory.st_gid in self.groups:
             return directory.st_mode & wanted_group == wanted_group
         return directory.st_mode & wanted_other == wanted_other
+
+    def check_use(self, owner_uid: int | None, what: str, field: str) -> None:
+        """PermissionDeniedError (naming ``what`` and the request ``field``) unless this
+        caller may use what ``owner_uid`` owns (:data:`GONE_OWNER`: its region is gone)."""
+        if not self.may_use(owner_uid):
+            whose = (
+                "a region that no longer exists" if owner_uid == GONE_OWNER else f"uid {owner_uid}"
+            )
+            raise PermissionDeniedError(
+                f"{what} belongs to {whose}; {self.describe()} may not use it", field
+            )
+
+    def check_socket_directory(self, socket_path: str) -> None:
+        """PermissionDeniedError unless this caller could create a file in the directory of
+        ``socket_path`` itself (the service binds sockets there as its own uid). A directory
+        the service cannot look at is left to fail later, with its own error."""
+        try:
+            directory = os.stat(os.path.dirname(socket_path) or "/")
+        except OSError:
+            return
+        if not self.may_create_in(directory):
+            raise PermissionDeniedError(
+                f"{self.describe()} may not create files in the directory of {socket_path}",
+                "socket_path",
+            )
 
     def describe(self) -> str:
         return "an anonymous caller" if self.uid is None else f"uid {self.uid}"

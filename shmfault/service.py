@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
@@ -19,7 +18,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from shmfault import errors, store
-from shmfault.identity import CREDENTIAL_METADATA_KEY, Caller, Identities
+from shmfault.identity import CREDENTIAL_METADATA_KEY, GONE_OWNER, Caller, Identities
 from shmfault.memory import BackingKind
 from shmfault.recording_store import RecordingInfo, RecordingStore
 from shmfault.v1 import shmfault_pb2 as pb
@@ -360,7 +359,7 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
             if field == exc.field:
                 raise
             raise type(exc)(str(exc), field) from None
-        _check_use(caller, region.owner_uid, f"region {region.id}", field)
+        caller.check_use(region.owner_uid, f"region {region.id}", field)
         return region
 
     def _visible(self, caller: Caller) -> Callable[[store.Region], bool]:
@@ -372,7 +371,7 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
         try:
             return self._store.get(region_id).owner_uid
         except errors.RegionNotFoundError:
-            return _GONE
+            return GONE_OWNER
 
     def _recording_store(self) -> RecordingStore:
         if self._recordings is None:
@@ -583,8 +582,7 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
         try:
             caller = self._caller(context)
             recordings = self._recording_store()
-            _check_use(
-                caller,
+            caller.check_use(
                 self._region_owner(recordings.region_of(request.data)),
                 "the region of that recording",
                 "data",
@@ -629,7 +627,7 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
             self._region(caller, request.region)
             if request.replay:
                 self._check_recording(caller, self._recording_store().info(request.replay))
-            _check_socket_directory(caller, request.socket_path)
+            caller.check_socket_directory(request.socket_path)
             opened = self._endpoints().open(
                 request.region, request.socket_path, record=request.record, replay=request.replay
             )
@@ -646,8 +644,7 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
             endpoints = self._endpoints()
             for listed in endpoints.list():
                 if listed.id == request.endpoint_id:
-                    _check_use(
-                        caller,
+                    caller.check_use(
                         self._region_owner(listed.region_id),
                         f"endpoint {listed.id}",
                         "endpoint_id",
@@ -674,8 +671,7 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
             _abort(context, "ListFirecrackerEndpoints", exc)
 
     def _check_recording(self, caller: Caller, info: RecordingInfo) -> None:
-        _check_use(
-            caller,
+        caller.check_use(
             self._region_owner(info.region_id),
             f"recording {info.recording_id}",
             "recording_id",
@@ -685,32 +681,6 @@ class ShmfaultService(pb_grpc.ShmfaultServicer):
         if self._firecracker is None:
             raise errors.ServiceUnavailableError("this service has no Firecracker endpoints")
         return self._firecracker
-
-
-#: The owner of something whose region is gone: nobody's uid, so only admins pass.
-_GONE = -1
-
-
-def _check_use(caller: Caller, owner_uid: int | None, what: str, field: str) -> None:
-    if not caller.may_use(owner_uid):
-        whose = "a region that no longer exists" if owner_uid == _GONE else f"uid {owner_uid}"
-        raise errors.PermissionDeniedError(
-            f"{what} belongs to {whose}; {caller.describe()} may not use it", field
-        )
-
-
-def _check_socket_directory(caller: Caller, socket_path: str) -> None:
-    """The service binds an endpoint's socket as its own uid: only where the caller could
-    create a file itself. (A path the service cannot use fails later, with its own error.)"""
-    try:
-        directory = os.stat(os.path.dirname(socket_path) or "/")
-    except OSError:
-        return
-    if not caller.may_create_in(directory):
-        raise errors.PermissionDeniedError(
-            f"{caller.describe()} may not create files in the directory of {socket_path}",
-            "socket_path",
-        )
 
 
 def endpoint_to_proto(info: EndpointInfo) -> pb.FirecrackerEndpoint:
