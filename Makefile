@@ -4,10 +4,22 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The fault engine's C fast path (shmfault/fastpath.py), loaded with ctypes. Without a C
+# compiler it is not built and the engine serves every fault in Python.
+FAST_PATH := shmfault/_fastpath.so
+CFLAGS_FAST_PATH := -O2 -Wall -Wextra -Werror -shared -fPIC
 
 .PHONY: setup serve probe test unit integration check fmt clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(FAST_PATH)
+
+$(FAST_PATH): shmfault/_fastpath.c
+	@if command -v $(CC) >/dev/null 2>&1; then \
+		echo "$(CC) $(CFLAGS_FAST_PATH) -o $@ $< -lpthread"; \
+		$(CC) $(CFLAGS_FAST_PATH) -o $@ $< -lpthread; \
+	else \
+		echo "no C compiler ($(CC)): the fault engine runs without its C fast path"; \
+	fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +53,7 @@ fmt: setup
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(FAST_PATH)
 
 # Other kernels, each booted in a throwaway VM (Debian 12's 6.1 besides the running one): the
 # probe and the tests there, results into docs/kernels.md. Installs what it needs itself (apt as

@@ -265,6 +265,13 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         dest="probe_round_trips",
         help="probe the kernel at startup without faulting real pages",
     )
+    parser.add_argument(
+        "--no-fast-path",
+        action="store_false",
+        default=None,
+        dest="fast_path",
+        help="serve every fault in Python, without the C fast path (slower; for comparison)",
+    )
     parser.set_defaults(handler=_run_serve)
 
 

@@ -35,6 +35,7 @@ import bisect
 import concurrent.futures
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import itertools
 import logging
@@ -48,11 +49,11 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shmfault import _unix, logs, protocol
+from shmfault import _unix, fastpath, logs, protocol
 from shmfault._abi import UFFD_MSG_SIZE, UFFDIO_COPY_STRUCT, EventType, PagefaultFlag
 from shmfault.errors import (
     ShmfaultError,
@@ -138,6 +139,8 @@ class AttachmentStats:
     #: pages filled ahead of the client from a replayed recording
     pages_prefetched: int = 0
     latency_ns: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_NS) + 1))
+    #: the C fast path's counters of the attachment while it serves it (see :meth:`merged`)
+    native: fastpath.NativeAttachment | None = None
 
     def record_latency(self, nanoseconds: int) -> None:
         self.latency_ns[bisect.bisect_left(LATENCY_BOUNDS_NS, nanoseconds)] += 1
@@ -159,14 +162,39 @@ class AttachmentStats:
                 return LATENCY_BOUNDS_NS[min(index, len(LATENCY_BOUNDS_NS) - 1)]
         return LATENCY_BOUNDS_NS[-1]
 
+    def merged(self) -> AttachmentStats:
+        """These counters with the C fast path's added: the attachment's whole count. The C
+        side's are folded in for good (:meth:`fold_native`) when it stops serving it."""
+        if self.native is None:
+            return self
+        total = dataclasses.replace(self, native=None, latency_ns=list(self.latency_ns))
+        for name, value in self.native.counters().items():
+            setattr(total, name, getattr(total, name) + value)
+        for index, count in enumerate(self.native.latency()):
+            total.latency_ns[index] += count
+        return total
+
+    def fold_native(self) -> None:
+        """Add the C fast path's counters to these, for good (it no longer serves them)."""
+        if self.native is not None:
+            total = self.merged()
+            for name in self.__slots__:
+                setattr(self, name, getattr(total, name))
+            self.native = None
+
     def to_dict(self) -> dict[str, Any]:
-        data = {name: getattr(self, name) for name in self.__slots__ if name != "latency_ns"}
-        data["faults"] = self.faults
-        data["latency_p50_ns"] = self.percentile_ns(0.5)
-        data["latency_p99_ns"] = self.percentile_ns(0.99)
+        total = self.merged()
+        data = {
+            name: getattr(total, name)
+            for name in self.__slots__
+            if name not in ("latency_ns", "native")
+        }
+        data["faults"] = total.faults
+        data["latency_p50_ns"] = total.percentile_ns(0.5)
+        data["latency_p99_ns"] = total.percentile_ns(0.99)
         data["latency_histogram"] = [
             {"le_ns": bound, "count": count}
-            for bound, count in zip((*LATENCY_BOUNDS_NS, None), self.latency_ns, strict=True)
+            for bound, count in zip((*LATENCY_BOUNDS_NS, None), total.latency_ns, strict=True)
             if count
         ]
         return data
@@ -266,6 +294,8 @@ class Attachment:
     #: the page last answered EEXIST-and-woken, and how many times in a row (a livelock guard)
     refault_address: int = -1
     refaults: int = 0
+    #: the C fast path's view of this attachment while it serves its faults (engine thread)
+    native: fastpath.NativeAttachment | None = None
     #: range bases, sorted, for the address -> range search
     _bases: list[int] = field(default_factory=list, repr=False)
 
@@ -391,6 +421,9 @@ class FaultEngine:
     counters in :meth:`engine_stats`). Adaptive: when the last gap between two bursts was longer
     than the window, the next window is only a 1/16 probe, so a client faulting a little too
     far apart for the spin to catch does not cost a CPU for nothing. 0 never spins.
+
+    ``fast_path``: wait and serve the common page fault in C (:mod:`shmfault.fastpath`) when
+    the library is built; everything else, and every fault without it, is served here.
     """
 
     def __init__(
@@ -400,6 +433,7 @@ class FaultEngine:
         fault_around_max_pages: int | None = None,
         spin_us: int = 0,
         on_end: Callable[[Attachment], None] | None = None,
+        fast_path: bool = True,
     ) -> None:
         if fault_around_pages < 1:
             raise ValueError(f"fault_around_pages must be >= 1, not {fault_around_pages}")
@@ -451,6 +485,28 @@ class FaultEngine:
         self._guard = threading.Thread(
             target=self._guard_reads, name="shmfault-engine-guard", daemon=True
         )
+        lib = fastpath.library() if fast_path else None
+        #: the C side: waits on the epoll set and serves the common fault (None: Python only)
+        self._native = (
+            None
+            if lib is None
+            else fastpath.NativeEngine(
+                lib,
+                epoll_fd=self._epoll.fileno(),
+                fault_around_pages=self.fault_around_pages,
+                fault_around_max_pages=self.fault_around_max_pages,
+                base_page=_BASE_PAGE,
+                latency_bounds_ns=LATENCY_BOUNDS_NS,
+                spin_ns=self.spin_ns,
+                probe_divisor=SPIN_PROBE_DIVISOR,
+                parallel_bytes=PARALLEL_COPY_BYTES if self._copier is not None else 0,
+            )
+        )
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether the C fast path serves the faults it can."""
+        return self._native is not None
 
     # --- control (any thread) ---
 
@@ -497,6 +553,8 @@ class FaultEngine:
             os.eventfd_write(self._wakeup, 1)
             self._thread.join(timeout)
         self._running = False
+        if self._native is not None and not self._thread.is_alive():
+            self._native.close()  # never under a thread still waiting in it
         if self._copier is not None:
             self._copier.shutdown(wait=True)
         with contextlib.suppress(OSError):
@@ -514,9 +572,18 @@ class FaultEngine:
     def engine_stats(self) -> dict[str, int]:
         """Engine-wide counters: the spin policy's polls, hits and time. Thread-safe (read
         without a lock: a batch behind at most)."""
+        if self._native is not None:
+            native = self._native.stats()
+            return {
+                "spin_us": self.spin_ns // 1000,
+                "spin_window_us": native.pop("spin_window_ns") // 1000,
+                "fast_path": 1,
+                **native,
+            }
         return {
             "spin_us": self.spin_ns // 1000,
             "spin_window_us": self.spin_window_ns // 1000,
+            "fast_path": 0,
             "spin_probes": self.spin_probes,
             "spin_polls": self.spin_polls,
             "spin_hits": self.spin_hits,
@@ -552,57 +619,80 @@ class FaultEngine:
 
     def _run(self) -> None:
         try:
-            spin_until = 0
-            idle_since = 0  # when the engine last finished serving something
-            while True:
-                # While a replay is pending, look at the fds without waiting: faults first, then
-                # one step of the replay. Just after activity, likewise (spin_us).
-                now = time.monotonic_ns() if self.spin_ns else 0
-                spinning = now < spin_until
-                if spin_until and not spinning:  # the window ran out
-                    self.spin_time_ns += spin_until - idle_since
-                    spin_until = 0
-                ready = self._epoll.poll(0 if self._prefetching or spinning else -1)
-                if spinning:
-                    self.spin_polls += 1
-                    if ready:  # the window caught work
-                        self.spin_hits += 1
-                        self.spin_time_ns += time.monotonic_ns() - idle_since
-                        spin_until = 0
-                if ready and self.spin_ns:
-                    # Adaptive: spin the whole window after activity only when the last gap
-                    # between activities fitted in it (a spin would have caught it); otherwise
-                    # only a short probe, so that a client faulting a little further apart
-                    # than the window does not cost a CPU for nothing.
-                    self.spin_window_ns = spin_window(
-                        time.monotonic_ns() - idle_since, self.spin_ns
-                    )
-                    self.spin_probes += self.spin_window_ns < self.spin_ns
-                for fd, _mask in ready:
-                    kind, attachment = self._fds.get(fd, (None, None))
-                    if kind == _CONTROL:
-                        if not self._control_events():
-                            return
-                    elif attachment is None or attachment.id not in self._attachments:
-                        continue  # ended earlier in this batch
-                    elif kind == _UFFD:
-                        self._serve_uffd(attachment)
-                    elif kind == _CONNECTION:
-                        self._serve_connection(attachment)
-                    elif kind == _PIDFD:
-                        self._finish(attachment, "the client process exited")
-                if self._prefetching:
-                    self._prefetch_step()
-                if ready and self.spin_ns:
-                    # The window starts once the work is done, not while it is being done.
-                    idle_since = time.monotonic_ns()
-                    spin_until = idle_since + self.spin_window_ns
+            if self._native is not None:
+                self._run_native(self._native)
+            else:
+                self._run_python()
         except Exception:
             logs.exception(_log, "engine_crashed")
             raise
         finally:
             for attachment in list(self._attachments.values()):
                 self._finish(attachment, SERVICE_STOPPING)
+
+    def _run_native(self, native: fastpath.NativeEngine) -> None:
+        """The loop with the C side waiting: it spins, serves what it can and returns the fds
+        left to this thread, which serves them as :meth:`_run_python` would."""
+        while True:
+            ready = native.wait(0 if self._prefetching else -1)
+            if not self._dispatch(ready):
+                return
+            if self._prefetching:
+                self._prefetch_step()
+            if ready:
+                native.mark_active()
+
+    def _dispatch(self, ready: Iterable[int]) -> bool:
+        """Serve the ready ``fds``; False once the engine is told to stop."""
+        for fd in ready:
+            kind, attachment = self._fds.get(fd, (None, None))
+            if kind == _CONTROL:
+                if not self._control_events():
+                    return False
+            elif attachment is None or attachment.id not in self._attachments:
+                continue  # ended earlier in this batch
+            elif kind == _UFFD:
+                self._serve_uffd(attachment)
+            elif kind == _CONNECTION:
+                self._serve_connection(attachment)
+            elif kind == _PIDFD:
+                self._finish(attachment, "the client process exited")
+        return True
+
+    def _run_python(self) -> None:
+        """The loop without the C side: the same waiting and spinning, in Python."""
+        spin_until = 0
+        idle_since = 0  # when the engine last finished serving something
+        while True:
+            # While a replay is pending, look at the fds without waiting: faults first, then
+            # one step of the replay. Just after activity, likewise (spin_us).
+            now = time.monotonic_ns() if self.spin_ns else 0
+            spinning = now < spin_until
+            if spin_until and not spinning:  # the window ran out
+                self.spin_time_ns += spin_until - idle_since
+                spin_until = 0
+            ready = self._epoll.poll(0 if self._prefetching or spinning else -1)
+            if spinning:
+                self.spin_polls += 1
+                if ready:  # the window caught work
+                    self.spin_hits += 1
+                    self.spin_time_ns += time.monotonic_ns() - idle_since
+                    spin_until = 0
+            if ready and self.spin_ns:
+                # Adaptive: spin the whole window after activity only when the last gap
+                # between activities fitted in it (a spin would have caught it); otherwise
+                # only a short probe, so that a client faulting a little further apart
+                # than the window does not cost a CPU for nothing.
+                self.spin_window_ns = spin_window(time.monotonic_ns() - idle_since, self.spin_ns)
+                self.spin_probes += self.spin_window_ns < self.spin_ns
+            if not self._dispatch(fd for fd, _mask in ready):
+                return
+            if self._prefetching:
+                self._prefetch_step()
+            if ready and self.spin_ns:
+                # The window starts once the work is done, not while it is being done.
+                idle_since = time.monotonic_ns()
+                spin_until = idle_since + self.spin_window_ns
 
     def _control_events(self) -> bool:
         with contextlib.suppress(BlockingIOError):
@@ -643,6 +733,7 @@ class FaultEngine:
         self._watch(attachment.connection.fileno(), _CONNECTION, attachment)
         if attachment.uffd is not None:
             self._watch(attachment.uffd.fileno(), _UFFD, attachment)
+            self._go_native(attachment)
         if attachment.pidfd is not None:
             self._watch(attachment.pidfd, _PIDFD, attachment)
         if attachment.replay_pending and attachment.uffd is not None:
@@ -656,15 +747,64 @@ class FaultEngine:
             mode=attachment.mode.wire_name,
             pid=attachment.pid,
             length=attachment.length,
+            fast_path=attachment.native is not None,
         )
         # Faults may have queued before the fd was watched: epoll reports them (level
         # triggered), so nothing more to do here.
+
+    def _go_native(self, attachment: Attachment) -> None:
+        """Let the C side serve the attachment's faults, when it can serve the common one: a
+        copy mode over base pages, the region's content zeros or a mapped file, nothing to
+        record or replay (those stay in Python)."""
+        region = attachment.region
+        lock = region.native_lock
+        if (
+            self._native is None
+            or lock is None
+            or attachment.uffd is None
+            or attachment.mode not in (Mode.SHARED_COPY, Mode.SHARED_CONTINUE, Mode.PRIVATE_COPY)
+            or attachment.recorder is not None
+            or attachment.replay is not None
+            or region.backing.kind is BackingKind.HUGETLB
+            or region.page_size != _BASE_PAGE
+        ):
+            return
+        with lock:  # the backing's fd and the content's mapping stay open meanwhile
+            if region.backing.fileno() < 0:
+                return
+            source = None if region.content.zero else region.content.in_place()
+            if not region.content.zero and (source is None or not source.address):
+                return  # another region, a lost source, a file that cannot be mapped
+            native = fastpath.NativeAttachment(
+                uffd=attachment.uffd.fileno(),
+                mode=int(attachment.mode),
+                region_fd=region.backing.fileno(),
+                zero=region.content.zero,
+                source=source,
+                page_size=region.page_size,
+                region_lock=lock,
+                ranges=attachment.ranges,
+            )
+        self._native.watch(attachment.uffd.fileno(), native)
+        attachment.native = attachment.stats.native = native
+
+    def _leave_native(self, attachment: Attachment) -> None:
+        """Stop the C side serving the attachment (before its uffd is closed: the fd number
+        may be reused); its counters are folded into the attachment's."""
+        if attachment.native is None or self._native is None:
+            return
+        assert attachment.uffd is not None
+        self._native.unwatch(attachment.uffd.fileno())
+        attachment.native.pull(attachment.ranges)
+        attachment.stats.fold_native()
+        attachment.native = None
 
     def _finish(self, attachment: Attachment, reason: str, reply: bytes | None = None) -> None:
         """End an attachment: stop watching it, close its uffd, count it ended (``on_end``),
         then send ``reply`` (so DETACHED means all of that is done) and close the rest."""
         if attachment.id not in self._attachments:
             return
+        self._leave_native(attachment)
         fds = [attachment.connection.fileno()]
         if attachment.uffd is not None and not attachment.uffd.closed:
             fds.append(attachment.uffd.fileno())
@@ -754,12 +894,33 @@ class FaultEngine:
     # --- faults ---
 
     def _serve_uffd(self, attachment: Attachment) -> None:
+        native = attachment.native
+        if native is None:
+            self._serve_uffd_records(attachment)
+            return
+        # The C side read records it left to this thread (or none: read here). The windows
+        # go back and forth: this thread may move them, and a remap moves a range.
+        records, read_at = native.leftover()
+        native.pull(attachment.ranges)
+        try:
+            self._serve_uffd_records(attachment, records, read_at)
+        finally:
+            if attachment.native is native:
+                native.push(attachment.ranges)
+
+    def _serve_uffd_records(
+        self, attachment: Attachment, records: bytes = b"", read_at: int = 0
+    ) -> None:
+        """Serve one read of the attachment's records: ``records`` (read at ``read_at``, by the
+        C side) when given, else a batch read here."""
         assert attachment.uffd is not None
-        # (fault address, perf_counter_ns when read, tries so far), in the order read
+        # (fault address, monotonic_ns when read, tries so far), in the order read
         pending: deque[tuple[int, int, int]] = deque()
         latency = attachment.stats.latency_ns
         try:
-            if not self._read_batch(attachment, pending):
+            if records:
+                self._take_batch(attachment, records, len(records), read_at, pending)
+            elif not self._read_batch(attachment, pending):
                 return
             while pending:
                 address, read_at, tries = pending.popleft()
@@ -774,9 +935,7 @@ class FaultEngine:
                     pending.append((address, read_at, tries + 1))
                     continue
                 # AttachmentStats.record_latency, inlined: once per fault.
-                latency[
-                    bisect.bisect_left(LATENCY_BOUNDS_NS, time.perf_counter_ns() - read_at)
-                ] += 1
+                latency[bisect.bisect_left(LATENCY_BOUNDS_NS, time.monotonic_ns() - read_at)] += 1
         except _Gone:
             attachment.stats.abandoned += len(pending)
             self._finish(attachment, "the client's memory is gone (ESRCH)")
@@ -817,7 +976,18 @@ class FaultEngine:
             self._reading = None
         if not count:
             return False
-        read_at = time.perf_counter_ns()
+        self._take_batch(attachment, buffer, count, time.monotonic_ns(), pending)
+        return True
+
+    def _take_batch(
+        self,
+        attachment: Attachment,
+        buffer: bytes | bytearray,
+        count: int,
+        read_at: int,
+        pending: deque[tuple[int, int, int]],
+    ) -> None:
+        """Apply the events of ``count`` bytes of records in ``buffer``, queue their faults."""
         stats = attachment.stats
         recorder = attachment.recorder
         # Page faults are nearly every record: decoded here with one unpack_from each, their
@@ -845,7 +1015,6 @@ class FaultEngine:
         stats.faults_wp += wp
         if whole != count:
             parse_events(buffer[whole:count])  # raises EventDecodeError: ends the attachment
-        return True
 
     def _apply_event(self, attachment: Attachment, event: Event) -> None:
         """Apply a record other than a page fault (in the order read, before any fault of the
@@ -1205,15 +1374,30 @@ class FaultEngine:
             self._zero_removed(attachment, mapped_range, index, last)
             return
         block: list[bytes] = []  # read only when some page of the block is missing
+        zeroed = [0]  # pages of the runs mapped as zero pages
 
         def map_run(run_start: int, run_end: int) -> None:
             destination = mapped_range.base + run_start * page
             length = (run_end - run_start) * page
+            offset = start + (run_start - first) * page
             with region.locked():
                 # Where the region has none of the run's pages, its bytes are the source's:
-                # copied straight from the source's mapping, under the region lock (no fill or
-                # write can land meanwhile, and the mapping stays alive).
-                source = _source_in_place(region, start + (run_start - first) * page, length)
+                # zero pages for zeros (as the C fast path maps them), or copied straight from
+                # the source's mapping, under the region lock (no fill or write can land
+                # meanwhile, and the mapping stays alive).
+                if (
+                    region.content.zero
+                    and region.backing.kind is not BackingKind.HUGETLB
+                    and _all_holes(region, offset, length)
+                ):
+                    try:
+                        uffd.zeropage(destination, length, arg=self._ioctl_arg)
+                    except (UffdPageExistsError, UffdRetryError) as exc:
+                        zeroed[0] += exc.done // page
+                        raise
+                    zeroed[0] += run_end - run_start
+                    return
+                source = _source_in_place(region, offset, length)
                 if source is not None:
                     try:
                         self._copy(uffd, destination, source, length, page)
@@ -1234,7 +1418,8 @@ class FaultEngine:
             )
 
         served, mapped = self._map_runs(attachment, mapped_range, first, last, index, map_run)
-        self._count_fill(attachment, mapped * page, False)
+        self._count_fill(attachment, (mapped - zeroed[0]) * page, False)
+        self._count_fill(attachment, zeroed[0] * page, True)
         if index is not None and not served:
             assert offset is not None
             page_data = region.peek(offset - offset % page, page)
@@ -1382,13 +1567,16 @@ class FaultEngine:
         attachment.replay_next = begin + PREFETCH_PAGES
 
 
+def _all_holes(region: RegionBacking, offset: int, length: int) -> bool:
+    """Whether the region file has none of the pages of ``[offset, offset + length)``."""
+    return list(region.backing.holes(offset, offset + length)) == [(offset, offset + length)]
+
+
 def _source_in_place(region: RegionBacking, offset: int, length: int) -> int | None:
     """Where this process has the bytes of region ``[offset, offset + length)`` in place: the
     mapping of a file source, when the region file has none of those pages (all holes). None:
     read them. The caller holds the region lock."""
-    if region.content.zero:
-        return None
-    if list(region.backing.holes(offset, offset + length)) != [(offset, offset + length)]:
+    if region.content.zero or not _all_holes(region, offset, length):
         return None
     return region.content.address(offset, length)
 

@@ -32,13 +32,13 @@ import fcntl
 import mmap
 import os
 import stat
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import posix_ipc
 
+from shmfault import fastpath
 from shmfault.errors import (
     AlreadyExistsError,
     HugePagesUnavailableError,
@@ -321,6 +321,18 @@ def unlink_posix_shm_if_ours(shm_name: str) -> bool:
     return owner == os.geteuid() and unlink_posix_shm(shm_name)
 
 
+class FileInPlace(NamedTuple):
+    """Where a file source's bytes are for code that reads them without Python (the engine's
+    C fast path): the open file and the file offset of region offset 0, and a mapping of it."""
+
+    fd: int
+    offset: int
+    #: the address of region offset 0 in a read-only shared mapping of the file (0: none)
+    address: int
+    #: region bytes mapped from offset 0
+    mapped: int
+
+
 class Content(Protocol):
     """The bytes a region's pages hold before anyone writes them."""
 
@@ -339,6 +351,11 @@ class Content(Protocol):
         says why."""
         ...
 
+    def in_place(self) -> FileInPlace | None:
+        """The file the content is read from, and its mapping, or None (not a file). Valid
+        until :meth:`close`, like :meth:`address`."""
+        ...
+
     def close(self) -> None:
         """Release what the content holds open."""
         ...
@@ -355,6 +372,10 @@ class ZeroContent:
 
     def address(self, offset: int, length: int) -> int | None:
         """None: zeros are not read from anywhere."""
+        return None
+
+    def in_place(self) -> FileInPlace | None:
+        """None: not a file."""
         return None
 
     def close(self) -> None:
@@ -377,8 +398,14 @@ class RegionBacking:
         self.content = content
         self.size = backing.size
         self.page_size = backing.page_size
-        self._lock = threading.RLock()
+        # Shared with the engine's C fast path when it is loaded (it fills under it too).
+        self._lock = fastpath.region_lock()
         self._closed = False
+
+    @property
+    def native_lock(self) -> fastpath.RegionLock | None:
+        """The lock as the C fast path takes it, or None (the fast path is not loaded)."""
+        return self._lock if isinstance(self._lock, fastpath.RegionLock) else None
 
     def locked(self) -> contextlib.AbstractContextManager[Any]:
         """The region's lock, to hold across a check of its holes and the fill that follows
@@ -489,6 +516,8 @@ class RegionBacking:
         with self._lock:
             if not self._closed:
                 self._closed = True
+                if isinstance(self._lock, fastpath.RegionLock):
+                    self._lock.close()
                 self.backing.close()
                 self.content.close()
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from shmfault import _unix, logs, memory, modes, probe
+from shmfault import _unix, fastpath, logs, memory, modes, probe
 from shmfault._abi import Feature
 from shmfault.engine import SERVICE_STOPPING, Attachment, FaultEngine
 from shmfault.firecracker import FirecrackerEndpoints
@@ -139,6 +139,8 @@ class ServerConfig:
     fault_around_max_pages: int = 256
     # Poll this long after serving before sleeping (adaptive: a probe after long gaps).
     spin_us: int = 200
+    # Serve the common fault in C when the library is built (shmfault/fastpath.py).
+    fast_path: bool = True
     handshake_timeout: float = 10.0
     reattach_grace: float = 60.0
     # Seconds an attach token stays valid unused.
@@ -469,8 +471,19 @@ class Server:
             fault_around_max_pages=max(config.fault_around_max_pages, config.fault_around_pages),
             spin_us=config.spin_us,
             on_end=on_end,
+            fast_path=config.fast_path,
         )
         self.engine.start()
+        _event(
+            logging.INFO,
+            "fast_path",
+            on=self.engine.fast_path,
+            reason=(
+                "--no-fast-path"
+                if not config.fast_path
+                else fastpath.unavailable_reason() or "the C library is loaded"
+            ),
+        )
         report = self.capabilities()
         self.identities = Identities()
         self.handoff = HandoffServer(

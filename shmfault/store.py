@@ -50,7 +50,7 @@ from shmfault.errors import (
     RequestError,
     SourceUnavailableError,
 )
-from shmfault.memory import BackingKind, RegionBacking
+from shmfault.memory import BackingKind, FileInPlace, RegionBacking
 
 _log = logging.getLogger("shmfault.store")
 
@@ -273,6 +273,15 @@ class FileContent:
             return None
         return start + offset
 
+    def in_place(self) -> FileInPlace | None:
+        """The file, the offset of region offset 0 in it, and its mapping (made now if need
+        be; address 0 when the file cannot be mapped). None once closed."""
+        if self._fd < 0:
+            return None
+        if self._mapping is None:
+            self._mapping = self._map()
+        return FileInPlace(self._fd, self.offset, self._mapping[2], self._mapping[3])
+
     def _map(self) -> tuple[int, int, int, int]:
         """(mapping address, mapping length, address of file byte ``offset``, bytes mapped from
         ``offset``), all 0 when the file cannot be mapped."""
@@ -314,6 +323,10 @@ class RegionContent:
         """None: a region's bytes are read under its lock (:meth:`read`)."""
         return None
 
+    def in_place(self) -> FileInPlace | None:
+        """None: not a file."""
+        return None
+
     def close(self) -> None:
         """Nothing to release: the source region belongs to the store."""
 
@@ -331,6 +344,10 @@ class UnavailableContent:
         raise SourceUnavailableError(self.reason, "source")
 
     def address(self, offset: int, length: int) -> int | None:
+        """None: there is nothing to read."""
+        return None
+
+    def in_place(self) -> FileInPlace | None:
         """None: there is nothing to read."""
         return None
 

@@ -101,8 +101,9 @@ class Region:
 
     page_size = PAGE
     region_id = "r0000000000aa"
-    backing = SimpleNamespace(kind=BackingKind.MEMFD)
-    #: zero content: never copied in place from a source mapping, always read (peek)
+    #: the region file has every page (no holes): its bytes are always read (peek) and copied,
+    #: never zero pages nor copies straight from a source mapping
+    backing = SimpleNamespace(kind=BackingKind.MEMFD, holes=lambda start, end: iter(()))
     content = SimpleNamespace(zero=True)
 
     def locked(self) -> contextlib.AbstractContextManager[None]:

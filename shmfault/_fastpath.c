@@ -1,0 +1,822 @@
+/*
+ * The fault engine's fast path: the common page fault served without the interpreter.
+ *
+ * Loaded by shmfault/fastpath.py with ctypes and called from the engine thread, which releases
+ * the GIL for the call. sf_wait() waits on the engine's epoll set (spinning first after
+ * activity, as the Python loop did) and serves, entirely here, every readiness of a userfaultfd
+ * registered with sf_watch() whose batch holds only page faults it can resolve. Everything
+ * else goes back to Python, which keeps every rule of docs/architecture.md:
+ *   - a batch holding any record other than a page fault (events are applied before faults);
+ *   - a fault outside every range, on a page whose state is not ABSENT (removed, zeroed, or
+ *     mapped yet faulting again), or whose bytes are not simply the source's;
+ *   - every ioctl error, EEXIST and partial copies included (pages done are counted and
+ *     marked first, so the slow path redoes nothing);
+ *   - a kernel whose userfaultfd has no read_iter (RWF_NOWAIT refused: before 6.8).
+ * Unserved records of a batch are left in the attachment's `leftover` buffer for Python.
+ *
+ * Ownership: a registered attachment's page states and fault-around window belong to whoever
+ * runs on the engine thread: this code inside sf_wait(), Python outside it. Counters are only
+ * added to here and read by any thread (aligned 64-bit loads: a reader may see a fault counted
+ * a moment late, never a torn value). A region's lock (struct sf_region) is shared with
+ * Python's RegionBacking, which takes it through sf_region_lock(): region writes, fills and
+ * close exclude the fills made here, and a closed region is never touched.
+ *
+ * The kernel ABI comes from the kernel's own header, <linux/userfaultfd.h>.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SF_ABI_VERSION 1
+
+/* page states, as engine.py numbers them */
+enum { ABSENT = 0, MAPPED = 1 };
+
+/* attach modes, as modes.py (and the wire) numbers them */
+enum { SHARED_COPY = 1, SHARED_CONTINUE = 2, PRIVATE_COPY = 3 };
+
+#define EVENTS_PER_READ 64
+#define MSG_SIZE ((int)sizeof(struct uffd_msg))
+#define LATENCY_BUCKETS 22
+#define EPOLL_BATCH 64
+#define MAX_READY 256
+
+struct sf_region {
+	pthread_mutex_t lock; /* recursive: RegionBacking's methods call each other */
+	int32_t closed;
+};
+
+struct sf_range {
+	uint64_t base;
+	uint64_t length;
+	uint64_t region_offset;
+	uint8_t *pages;
+	int64_t sequential_next;
+	uint64_t window_pages;
+};
+
+struct sf_counters {
+	uint64_t faults_missing;
+	uint64_t faults_minor;
+	uint64_t pages_filled;
+	uint64_t bytes_filled;
+	uint64_t zero_pages;
+	uint64_t latency[LATENCY_BUCKETS];
+};
+
+struct sf_attachment {
+	int32_t uffd;
+	int32_t mode;
+	int32_t region_fd;
+	int32_t zero;           /* the region's content is zeros */
+	int32_t source_fd;      /* file source (-1: none) */
+	uint64_t source_offset; /* file offset of region offset 0 */
+	uint64_t source_base;   /* address of region offset 0 in a mapping of the source, or 0 */
+	uint64_t source_mapped; /* region bytes mapped from offset 0 */
+	uint64_t page_size;
+	struct sf_region *region;
+	uint32_t range_count;
+	uint32_t leftover_length; /* bytes of unserved records in leftover */
+	struct sf_range *ranges;
+	int64_t leftover_read_ns; /* when the leftover records were read (CLOCK_MONOTONIC) */
+	struct sf_counters counters;
+	uint8_t leftover[EVENTS_PER_READ * sizeof(struct uffd_msg)];
+};
+
+struct sf_engine {
+	int32_t epfd;
+	int32_t nowait_reads; /* 0 once the kernel refused RWF_NOWAIT on a userfaultfd */
+	uint64_t fault_around_pages;
+	uint64_t fault_around_max_pages;
+	uint64_t base_page;
+	uint64_t latency_bounds[LATENCY_BUCKETS - 1];
+	/* adaptive spin (FaultEngine's docstring) */
+	int64_t spin_ns;
+	int64_t spin_window_ns;
+	int64_t spin_until;
+	int64_t idle_since;
+	uint64_t spin_probes;
+	uint64_t spin_polls;
+	uint64_t spin_hits;
+	uint64_t spin_time_ns;
+	uint64_t faults_served; /* faults this code resolved */
+	uint64_t batches_returned; /* readinesses handed to Python */
+	/* fds Python must serve, filled by sf_wait */
+	int32_t ready_count;
+	int32_t ready[MAX_READY];
+	/* fd -> registered attachment */
+	int32_t table_size;
+	struct sf_attachment **table;
+	/* one window of a file source read for shared-continue */
+	uint64_t buffer_size;
+	uint8_t *buffer;
+	/* a window of at least this many bytes is done in two halves at once, the second on the
+	 * worker thread (0: never, on one CPU) */
+	uint64_t parallel_bytes;
+	struct worker *worker;
+};
+
+/* The second thread of a large window: runs one job at a time for the engine thread, which
+ * does the other half meanwhile and then waits for it. Started on first use. */
+struct worker {
+	pthread_t thread;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	int stop;
+	int pending; /* a job is set and not finished */
+	void (*job)(void *);
+	void *argument;
+};
+
+static void *worker_main(void *opaque)
+{
+	struct worker *worker = opaque;
+	pthread_mutex_lock(&worker->lock);
+	for (;;) {
+		while (!worker->pending && !worker->stop)
+			pthread_cond_wait(&worker->cond, &worker->lock);
+		if (worker->stop && !worker->pending)
+			break;
+		pthread_mutex_unlock(&worker->lock);
+		worker->job(worker->argument);
+		pthread_mutex_lock(&worker->lock);
+		worker->pending = 0;
+		pthread_cond_broadcast(&worker->cond);
+	}
+	pthread_mutex_unlock(&worker->lock);
+	return NULL;
+}
+
+/* The worker, started now if need be; NULL when it cannot be (then one thread does all). */
+static struct worker *worker_of(struct sf_engine *engine)
+{
+	if (engine->worker)
+		return engine->worker;
+	struct worker *worker = calloc(1, sizeof(*worker));
+	if (!worker)
+		return NULL;
+	pthread_mutex_init(&worker->lock, NULL);
+	pthread_cond_init(&worker->cond, NULL);
+	if (pthread_create(&worker->thread, NULL, worker_main, worker)) {
+		pthread_cond_destroy(&worker->cond);
+		pthread_mutex_destroy(&worker->lock);
+		free(worker);
+		return NULL;
+	}
+	engine->worker = worker;
+	return worker;
+}
+
+/* Run first(a) here and second(b) on the worker at once; returns when both are done. */
+static void run_both(struct sf_engine *engine, void (*job)(void *), void *a, void *b)
+{
+	struct worker *worker = worker_of(engine);
+	if (!worker) {
+		job(a);
+		job(b);
+		return;
+	}
+	pthread_mutex_lock(&worker->lock);
+	worker->job = job;
+	worker->argument = b;
+	worker->pending = 1;
+	pthread_cond_broadcast(&worker->cond);
+	pthread_mutex_unlock(&worker->lock);
+	job(a);
+	pthread_mutex_lock(&worker->lock);
+	while (worker->pending)
+		pthread_cond_wait(&worker->cond, &worker->lock);
+	pthread_mutex_unlock(&worker->lock);
+}
+
+static void worker_stop(struct sf_engine *engine)
+{
+	struct worker *worker = engine->worker;
+	if (!worker)
+		return;
+	pthread_mutex_lock(&worker->lock);
+	worker->stop = 1;
+	pthread_cond_broadcast(&worker->cond);
+	pthread_mutex_unlock(&worker->lock);
+	pthread_join(worker->thread, NULL);
+	pthread_cond_destroy(&worker->cond);
+	pthread_mutex_destroy(&worker->lock);
+	free(worker);
+	engine->worker = NULL;
+}
+
+int sf_abi_version(void) { return SF_ABI_VERSION; }
+
+size_t sf_sizeof(int which)
+{
+	switch (which) {
+	case 0: return sizeof(struct sf_region);
+	case 1: return sizeof(struct sf_range);
+	case 2: return sizeof(struct sf_counters);
+	case 3: return sizeof(struct sf_attachment);
+	case 4: return sizeof(struct sf_engine);
+	}
+	return 0;
+}
+
+static int64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* --- the region lock, shared with Python --- */
+
+int sf_region_init(struct sf_region *region)
+{
+	pthread_mutexattr_t attr;
+	int rc = pthread_mutexattr_init(&attr);
+	if (rc)
+		return rc;
+	pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE);
+	rc = pthread_mutex_init(&region->lock, &attr);
+	pthread_mutexattr_destroy(&attr);
+	region->closed = 0;
+	return rc;
+}
+
+void sf_region_lock(struct sf_region *region) { pthread_mutex_lock(&region->lock); }
+void sf_region_unlock(struct sf_region *region) { pthread_mutex_unlock(&region->lock); }
+/* The region is closed: never touched here again. The caller holds the lock. */
+void sf_region_close(struct sf_region *region) { region->closed = 1; }
+
+/* --- the engine --- */
+
+int sf_engine_init(struct sf_engine *engine, int epfd)
+{
+	engine->epfd = epfd;
+	engine->nowait_reads = 1;
+	engine->table_size = 0;
+	engine->table = NULL;
+	engine->buffer_size = 0;
+	engine->buffer = NULL;
+	engine->parallel_bytes = 0;
+	engine->worker = NULL;
+	return 0;
+}
+
+void sf_engine_free(struct sf_engine *engine)
+{
+	worker_stop(engine);
+	free(engine->table);
+	free(engine->buffer);
+	engine->table = NULL;
+	engine->buffer = NULL;
+	engine->table_size = 0;
+	engine->buffer_size = 0;
+}
+
+/* Serve `fd`'s readiness with `attachment` (NULL: no longer). 0, or ENOMEM. */
+int sf_watch(struct sf_engine *engine, int fd, struct sf_attachment *attachment)
+{
+	if (fd < 0)
+		return EINVAL;
+	if (fd >= engine->table_size) {
+		if (!attachment)
+			return 0;
+		int size = engine->table_size ? engine->table_size : 64;
+		while (size <= fd)
+			size *= 2;
+		struct sf_attachment **table = realloc(engine->table, size * sizeof(*table));
+		if (!table)
+			return ENOMEM;
+		memset(table + engine->table_size, 0,
+		       (size - engine->table_size) * sizeof(*table));
+		engine->table = table;
+		engine->table_size = size;
+	}
+	engine->table[fd] = attachment;
+	return 0;
+}
+
+/* --- resolving one fault --- */
+
+enum { SERVED = 0, TO_PYTHON = 1 };
+
+struct copy_result {
+	int error;      /* 0, or the errno */
+	uint64_t done;  /* bytes in place from the start */
+};
+
+/* One resolving ioctl over [address, address + length). */
+static struct copy_result map_pages(int uffd, int mode, uint64_t address, uint64_t source,
+				    uint64_t length)
+{
+	struct copy_result result = {0, 0};
+	int rc;
+	int64_t reported;
+	if (mode == SHARED_CONTINUE) {
+		struct uffdio_continue arg = {.range = {address, length}, .mode = 0};
+		rc = ioctl(uffd, UFFDIO_CONTINUE, &arg);
+		reported = arg.mapped;
+	} else if (!source) {
+		struct uffdio_zeropage arg = {.range = {address, length}, .mode = 0};
+		rc = ioctl(uffd, UFFDIO_ZEROPAGE, &arg);
+		reported = arg.zeropage;
+	} else {
+		struct uffdio_copy arg = {.dst = address, .src = source, .len = length, .mode = 0};
+		rc = ioctl(uffd, UFFDIO_COPY, &arg);
+		reported = arg.copy;
+	}
+	if (rc == 0) {
+		result.done = length;
+		return result;
+	}
+	result.error = errno;
+	/* A partial operation reports the bytes done (and fails EAGAIN); a failure at the first
+	 * page reports -errno. */
+	result.done = reported > 0 ? (uint64_t)reported : 0;
+	return result;
+}
+
+/* A part of a window mapped by one ioctl, on either thread. */
+struct piece {
+	int uffd;
+	int mode;
+	uint64_t address;
+	uint64_t source; /* 0: zeros (ZEROPAGE), or nothing (CONTINUE) */
+	uint64_t length;
+	struct copy_result result;
+};
+
+static void piece_job(void *opaque)
+{
+	struct piece *piece = opaque;
+	piece->result = map_pages(piece->uffd, piece->mode, piece->address, piece->source,
+				  piece->length);
+}
+
+/* Map [address, address + length): one ioctl, or for a large window two at once (the kernel's
+ * allocation and copy are the bound of a large fill, and they run on both CPUs). Returns how
+ * many pieces were done (their results in pieces[]). */
+static int map_window(struct sf_engine *engine, const struct sf_attachment *attachment,
+		      uint64_t address, uint64_t source, uint64_t length, struct piece pieces[2])
+{
+	uint64_t page = attachment->page_size;
+	uint64_t half = length / 2 - (length / 2) % page;
+	pieces[0] = (struct piece){attachment->uffd, attachment->mode, address, source, length,
+				   {0, 0}};
+	if (!engine->parallel_bytes || length < engine->parallel_bytes || !half) {
+		piece_job(&pieces[0]);
+		return 1;
+	}
+	pieces[0].length = half;
+	pieces[1] = (struct piece){attachment->uffd, attachment->mode, address + half,
+				   source ? source + half : 0, length - half, {0, 0}};
+	run_both(engine, piece_job, &pieces[0], &pieces[1]);
+	return 2;
+}
+
+static void count_fill(struct sf_attachment *attachment, uint64_t bytes, int zero)
+{
+	uint64_t pages = bytes / attachment->page_size;
+	attachment->counters.pages_filled += pages;
+	attachment->counters.bytes_filled += bytes;
+	if (zero)
+		attachment->counters.zero_pages += pages;
+}
+
+/* The source's bytes for region [start, end) in place, or 0 (zeros, or not mapped there). */
+static uint64_t source_address(const struct sf_attachment *attachment, uint64_t start,
+			       uint64_t end)
+{
+	if (attachment->zero || !attachment->source_base || end > attachment->source_mapped)
+		return 0;
+	return attachment->source_base + start;
+}
+
+/* Whether the region file holds any page in [start, end). -1 on an error. */
+static int region_has_data(int fd, uint64_t start, uint64_t end)
+{
+	off_t data = lseek(fd, (off_t)start, SEEK_DATA);
+	if (data < 0)
+		return errno == ENXIO ? 0 : -1;
+	return (uint64_t)data < end;
+}
+
+/* The page states of [first, last) become MAPPED. */
+static void mark_mapped(struct sf_range *range, uint64_t first, uint64_t last)
+{
+	memset(range->pages + first, MAPPED, last - first);
+}
+
+/* A part of a hole of the region file filled from the file source, on either thread. */
+struct fill_piece {
+	int source_fd;
+	int region_fd;
+	uint64_t source_offset; /* in the source file */
+	uint64_t region_offset;
+	uint64_t length;
+	uint8_t *buffer;
+	int ok;
+};
+
+static void fill_job(void *opaque)
+{
+	struct fill_piece *piece = opaque;
+	piece->ok = 0;
+	/* Read the whole piece before writing any of it: a short read (the source shrank) must
+	 * leave its pages holes, for Python to report. Pieces are whole pages: a piece written
+	 * never leaves a page half filled. */
+	uint64_t got = 0;
+	while (got < piece->length) {
+		ssize_t n = pread(piece->source_fd, piece->buffer + got, piece->length - got,
+				  (off_t)(piece->source_offset + got));
+		if (n <= 0) {
+			if (n < 0 && errno == EINTR)
+				continue;
+			return;
+		}
+		got += (uint64_t)n;
+	}
+	uint64_t written = 0;
+	while (written < piece->length) {
+		ssize_t n = pwrite(piece->region_fd, piece->buffer + written,
+				   piece->length - written, (off_t)(piece->region_offset + written));
+		if (n <= 0) {
+			if (n < 0 && errno == EINTR)
+				continue;
+			return;
+		}
+		written += (uint64_t)n;
+	}
+	piece->ok = 1;
+}
+
+/* Fill one hole [offset, offset + length) from the file source: 0, or -1 (some of it not). */
+static int fill_from_source(struct sf_engine *engine, struct sf_attachment *attachment,
+			    uint64_t offset, uint64_t length, uint64_t *filled)
+{
+	if (attachment->source_fd < 0)
+		return -1;
+	if (length > engine->buffer_size) {
+		uint8_t *buffer = realloc(engine->buffer, length);
+		if (!buffer)
+			return -1;
+		engine->buffer = buffer;
+		engine->buffer_size = length;
+	}
+	uint64_t page = attachment->page_size;
+	uint64_t half = length / 2 - (length / 2) % page;
+	struct fill_piece pieces[2] = {
+		{attachment->source_fd, attachment->region_fd, attachment->source_offset + offset,
+		 offset, length, engine->buffer, 0},
+	};
+	int count = 1;
+	if (engine->parallel_bytes && length >= engine->parallel_bytes && half) {
+		pieces[0].length = half;
+		pieces[1] = (struct fill_piece){
+			attachment->source_fd, attachment->region_fd,
+			attachment->source_offset + offset + half, offset + half, length - half,
+			engine->buffer + half, 0};
+		run_both(engine, fill_job, &pieces[0], &pieces[1]);
+		count = 2;
+	} else {
+		fill_job(&pieces[0]);
+	}
+	int status = 0;
+	for (int i = 0; i < count; i++) {
+		if (pieces[i].ok)
+			*filled += pieces[i].length;
+		else
+			status = -1;
+	}
+	return status;
+}
+
+/* Fill the region file's holes in [start, end) from the source (shared-continue), under the
+ * region lock, adding the bytes filled to *filled. 0, or -1: Python's fill must finish (it
+ * raises what went wrong). */
+static int fill_holes(struct sf_engine *engine, struct sf_attachment *attachment,
+		      uint64_t start, uint64_t end, uint64_t *filled)
+{
+	int fd = attachment->region_fd;
+	uint64_t position = start;
+	/* The common case, a window the region has none of: one lseek says so. */
+	off_t first_data = lseek(fd, (off_t)start, SEEK_DATA);
+	if (first_data < 0 && errno != ENXIO)
+		return -1;
+	if (first_data < 0 || (uint64_t)first_data >= end) {
+		if (attachment->zero) {
+			if (fallocate(fd, 0, (off_t)start, (off_t)(end - start)))
+				return -1;
+			*filled += end - start;
+			return 0;
+		}
+		return fill_from_source(engine, attachment, start, end - start, filled);
+	}
+	while (position < end) {
+		off_t hole = lseek(fd, (off_t)position, SEEK_HOLE);
+		if (hole < 0)
+			return errno == ENXIO ? 0 : -1;
+		if ((uint64_t)hole >= end)
+			break;
+		off_t data = lseek(fd, hole, SEEK_DATA);
+		uint64_t hole_end;
+		if (data < 0) {
+			if (errno != ENXIO)
+				return -1;
+			hole_end = end;
+		} else {
+			hole_end = (uint64_t)data < end ? (uint64_t)data : end;
+		}
+		uint64_t length = hole_end - (uint64_t)hole;
+		if (attachment->zero) {
+			if (fallocate(fd, 0, hole, (off_t)length))
+				return -1;
+			*filled += length;
+		} else if (fill_from_source(engine, attachment, (uint64_t)hole, length, filled)) {
+			return -1;
+		}
+		position = hole_end;
+	}
+	return 0;
+}
+
+/* The fault-around window for a fault at region offset `offset` (engine.py's
+ * _adaptive_window), not yet committed to the range. */
+static void window_of(const struct sf_engine *engine, const struct sf_range *range,
+		      uint64_t page, uint64_t offset, uint64_t *start, uint64_t *end,
+		      uint64_t *pages)
+{
+	uint64_t limit = range->region_offset + range->length;
+	if ((int64_t)offset == range->sequential_next &&
+	    engine->fault_around_max_pages > engine->fault_around_pages &&
+	    page == engine->base_page) {
+		uint64_t grown = range->window_pages * 2;
+		*pages = grown < engine->fault_around_max_pages ? grown
+							     : engine->fault_around_max_pages;
+		*start = offset;
+		*end = offset + *pages * page < limit ? offset + *pages * page : limit;
+		return;
+	}
+	uint64_t block = engine->fault_around_pages * page;
+	uint64_t aligned = offset - offset % block;
+	*pages = engine->fault_around_pages;
+	*start = aligned > range->region_offset ? aligned : range->region_offset;
+	*end = aligned + block < limit ? aligned + block : limit;
+}
+
+/* shared-copy: the whole window in one COPY (or ZEROPAGE); the kernel never overwrites a page
+ * the region file has. */
+static int resolve_shared_copy(struct sf_engine *engine, struct sf_attachment *attachment,
+			       struct sf_range *range, uint64_t start, uint64_t end)
+{
+	uint64_t delta = range->base - range->region_offset;
+	uint64_t source = source_address(attachment, start, end);
+	if (!attachment->zero && !source)
+		return TO_PYTHON;
+	struct piece pieces[2];
+	int count = map_window(engine, attachment, start + delta, source, end - start, pieces);
+	int outcome = SERVED;
+	for (int i = 0; i < count; i++) {
+		if (pieces[i].result.done)
+			count_fill(attachment, pieces[i].result.done, attachment->zero);
+		/* EEXIST, a partial copy, ESRCH, ENOMEM, a source that shrank (EFAULT): the slow
+		 * path searches the holes, wakes, or ends the attachment saying why. */
+		if (pieces[i].result.error)
+			outcome = TO_PYTHON;
+	}
+	return outcome;
+}
+
+/* private-copy and shared-continue: the window's ABSENT runs, one ioctl each. */
+static int resolve_runs(struct sf_engine *engine, struct sf_attachment *attachment,
+			struct sf_range *range, uint64_t start, uint64_t end, uint64_t index)
+{
+	uint64_t page = attachment->page_size;
+	uint64_t first = (start - range->region_offset) / page;
+	uint64_t last = first + (end - start) / page;
+	uint8_t *states = range->pages;
+	int served = 0;
+	if (attachment->mode == SHARED_CONTINUE) {
+		uint64_t filled = 0;
+		int status = fill_holes(engine, attachment, start, end, &filled);
+		if (filled)
+			count_fill(attachment, filled, attachment->zero);
+		if (status)
+			return TO_PYTHON;
+	}
+	uint64_t run_start = first;
+	while (run_start < last) {
+		while (run_start < last && states[run_start] != ABSENT)
+			run_start++;
+		if (run_start == last)
+			break;
+		uint64_t run_end = run_start;
+		while (run_end < last && states[run_end] == ABSENT)
+			run_end++;
+		uint64_t offset = range->region_offset + run_start * page;
+		uint64_t length = (run_end - run_start) * page;
+		uint64_t source = 0;
+		if (attachment->mode == PRIVATE_COPY) {
+			/* The source's bytes (or zeros) only where the region has none of the run's
+			 * pages; a run over written pages is read by the slow path. */
+			int has = region_has_data(attachment->region_fd, offset, offset + length);
+			if (has)
+				return served ? SERVED : TO_PYTHON;
+			source = source_address(attachment, offset, offset + length);
+			if (!attachment->zero && !source)
+				return served ? SERVED : TO_PYTHON;
+		}
+		struct piece pieces[2];
+		int count = map_window(engine, attachment, range->base + run_start * page, source,
+				       length, pieces);
+		int failed = 0;
+		for (int i = 0; i < count; i++) {
+			uint64_t piece_start = (pieces[i].address - range->base) / page;
+			uint64_t done = pieces[i].result.done / page;
+			mark_mapped(range, piece_start, piece_start + done);
+			if (attachment->mode == PRIVATE_COPY)
+				count_fill(attachment, done * page, attachment->zero);
+			if (piece_start <= index && index < piece_start + done)
+				served = 1;
+			if (pieces[i].result.error) {
+				failed = 1;
+				if (pieces[i].result.error == EEXIST &&
+				    piece_start + done < last)
+					states[piece_start + done] = MAPPED; /* mapped already */
+			}
+		}
+		if (failed)
+			return served ? SERVED : TO_PYTHON;
+		run_start = run_end;
+	}
+	return served ? SERVED : TO_PYTHON;
+}
+
+static int resolve(struct sf_engine *engine, struct sf_attachment *attachment, uint64_t address)
+{
+	struct sf_range *range = NULL;
+	for (uint32_t i = 0; i < attachment->range_count; i++) {
+		struct sf_range *candidate = &attachment->ranges[i];
+		if (address - candidate->base < candidate->length) {
+			range = candidate;
+			break;
+		}
+	}
+	if (!range)
+		return TO_PYTHON; /* logged, unregistered and woken there */
+	uint64_t page = attachment->page_size;
+	uint64_t offset = range->region_offset + (address - range->base);
+	uint64_t index = (offset - range->region_offset) / page;
+	if (attachment->mode != SHARED_COPY && range->pages[index] != ABSENT)
+		return TO_PYTHON; /* removed, zeroed, or a state the page tables disagree with */
+	uint64_t start, end, pages;
+	window_of(engine, range, page, offset, &start, &end, &pages);
+	struct sf_region *region = attachment->region;
+	pthread_mutex_lock(&region->lock);
+	int outcome;
+	if (region->closed)
+		outcome = TO_PYTHON;
+	else if (attachment->mode == SHARED_COPY)
+		outcome = resolve_shared_copy(engine, attachment, range, start, end);
+	else
+		outcome = resolve_runs(engine, attachment, range, start, end, index);
+	pthread_mutex_unlock(&region->lock);
+	if (outcome == SERVED) {
+		range->window_pages = pages;
+		range->sequential_next = (int64_t)end;
+	}
+	return outcome;
+}
+
+static int latency_bucket(const struct sf_engine *engine, uint64_t nanoseconds)
+{
+	int low = 0, high = LATENCY_BUCKETS - 1; /* bisect_left over the bounds */
+	while (low < high) {
+		int middle = (low + high) / 2;
+		if (engine->latency_bounds[middle] < nanoseconds)
+			low = middle + 1;
+		else
+			high = middle;
+	}
+	return low;
+}
+
+/* Read and serve one batch of `attachment`'s records. SERVED, or TO_PYTHON with the unserved
+ * records (possibly none: Python reads itself) in the leftover buffer. */
+static int serve(struct sf_engine *engine, struct sf_attachment *attachment)
+{
+	attachment->leftover_length = 0;
+	if (!engine->nowait_reads)
+		return TO_PYTHON;
+	struct uffd_msg messages[EVENTS_PER_READ];
+	struct iovec vector = {messages, sizeof(messages)};
+	ssize_t count = preadv2(attachment->uffd, &vector, 1, -1, RWF_NOWAIT);
+	if (count < 0) {
+		if (errno == EOPNOTSUPP || errno == EINVAL || errno == ESPIPE)
+			engine->nowait_reads = 0; /* no read_iter: Python's guarded read */
+		return TO_PYTHON;
+	}
+	int64_t read_at = now_ns();
+	int records = (int)(count / MSG_SIZE);
+	int whole = count % MSG_SIZE == 0;
+	for (int i = 0; whole && i < records; i++)
+		if (messages[i].event != UFFD_EVENT_PAGEFAULT ||
+		    messages[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)
+			whole = 0;
+	int first_unserved = 0;
+	if (whole) {
+		for (; first_unserved < records; first_unserved++) {
+			struct uffd_msg *message = &messages[first_unserved];
+			if (resolve(engine, attachment, message->arg.pagefault.address) != SERVED)
+				break;
+			if (message->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR)
+				attachment->counters.faults_minor++;
+			else
+				attachment->counters.faults_missing++;
+			attachment->counters.latency[latency_bucket(engine, now_ns() - read_at)]++;
+			engine->faults_served++;
+		}
+		if (first_unserved == records)
+			return SERVED;
+	}
+	uint64_t offset = (uint64_t)first_unserved * MSG_SIZE;
+	attachment->leftover_length = (uint32_t)(count - offset);
+	memcpy(attachment->leftover, (uint8_t *)messages + offset, attachment->leftover_length);
+	attachment->leftover_read_ns = read_at;
+	return TO_PYTHON;
+}
+
+/* Python served something: the spin window starts now, after that work. */
+void sf_mark_active(struct sf_engine *engine)
+{
+	if (engine->spin_ns) {
+		engine->idle_since = now_ns();
+		engine->spin_until = engine->idle_since + engine->spin_window_ns;
+	}
+}
+
+static int64_t spin_window(int64_t gap, int64_t spin_ns, int64_t divisor)
+{
+	return gap <= spin_ns ? spin_ns : spin_ns / divisor;
+}
+
+/* Wait for readiness on the engine's epoll set (at most timeout_ms; -1: no limit, 0: a look)
+ * and serve what can be served here. Returns how many fds are in engine->ready for Python
+ * (0: the timeout passed or a signal came), or -errno. */
+int sf_wait(struct sf_engine *engine, int timeout_ms, int probe_divisor)
+{
+	struct epoll_event events[EPOLL_BATCH];
+	engine->ready_count = 0;
+	for (;;) {
+		int64_t now = engine->spin_ns ? now_ns() : 0;
+		int spinning = now < engine->spin_until;
+		if (engine->spin_until && !spinning) {
+			engine->spin_time_ns += (uint64_t)(engine->spin_until - engine->idle_since);
+			engine->spin_until = 0;
+		}
+		int count = epoll_wait(engine->epfd, events, EPOLL_BATCH,
+				       spinning ? 0 : timeout_ms);
+		if (count < 0)
+			return errno == EINTR ? 0 : -errno;
+		if (spinning) {
+			engine->spin_polls++;
+			if (count) {
+				engine->spin_hits++;
+				engine->spin_time_ns += (uint64_t)(now_ns() - engine->idle_since);
+				engine->spin_until = 0;
+			}
+		}
+		if (count && engine->spin_ns) {
+			engine->spin_window_ns = spin_window(now_ns() - engine->idle_since,
+							     engine->spin_ns, probe_divisor);
+			engine->spin_probes += engine->spin_window_ns < engine->spin_ns;
+		}
+		for (int i = 0; i < count; i++) {
+			int fd = events[i].data.fd;
+			struct sf_attachment *attachment =
+				fd < engine->table_size ? engine->table[fd] : NULL;
+			if (attachment && serve(engine, attachment) == SERVED)
+				continue;
+			if (engine->ready_count < MAX_READY)
+				engine->ready[engine->ready_count++] = fd;
+		}
+		if (count && engine->spin_ns) {
+			engine->idle_since = now_ns();
+			engine->spin_until = engine->idle_since + engine->spin_window_ns;
+		}
+		if (engine->ready_count)
+			engine->batches_returned++;
+		if (engine->ready_count || (!spinning && count == 0) ||
+		    (!spinning && timeout_ms == 0))
+			return engine->ready_count;
+	}
+}

@@ -1,0 +1,202 @@
+"""The C fast path (``shmfault/_fastpath.c``) against the real service and kernel.
+
+Each test runs the same client work on a service with the fast path and on one without
+(``--no-fast-path``): the bytes and the counters must be the same; only who served the faults
+differs, which the engine_stats line logged at stop says (``native_faults``, the faults served
+in C, and ``native_handoffs``, the readinesses handed to Python). The cases the C side hands
+to Python (events, a region with written pages, a source of another region) are checked to
+actually go there.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shmfault import _libc, fastpath
+from shmfault.client import Client
+from shmfault.store import Source
+from tests.integration.attach_helpers import (
+    LAZY_MODES,
+    PAGE,
+    Memory,
+    entry_of,
+    make_region,
+    random_file,
+    shuffled,
+)
+from tests.integration.conftest import Service
+
+pytestmark = pytest.mark.timeout(120)
+
+PAGES = 256
+#: one page per fault, so that faults, pages filled and touches are the same number
+ONE_PAGE = ["--fault-around", "1", "--fault-around-max", "0"]
+PATHS = ("c", "python")
+
+
+def engine_stats(service: Service) -> dict[str, int]:
+    """The engine_stats line the service logs when it stops."""
+    line = next(line for line in service.logs().splitlines() if "event=engine_stats" in line)
+    return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)\b", line)}
+
+
+@pytest.fixture(params=PATHS)
+def path(request: pytest.FixtureRequest) -> str:
+    """Which engine path the service runs: "c" (the default) or "python"."""
+    if request.param == "c" and fastpath.library() is None:
+        pytest.skip(f"the C fast path is not loaded: {fastpath.unavailable_reason()}")
+    return str(request.param)
+
+
+@pytest.fixture
+def started(service_dir: Path, shm_prefix: str, path: str) -> Iterator[Service]:
+    """A service with one page per fault, with or without the fast path."""
+    running = Service(
+        service_dir, shm_prefix, [*ONE_PAGE, *(["--no-fast-path"] if path == "python" else [])]
+    )
+    running.start()
+    try:
+        yield running
+    finally:
+        if running.process is not None:
+            running.stop()
+
+
+def stop(service: Service) -> dict[str, int]:
+    assert service.stop() == 0
+    return engine_stats(service)
+
+
+@pytest.mark.parametrize("source", ["zero", "file"])
+@pytest.mark.parametrize("mode", LAZY_MODES)
+def test_random_faults_read_right_and_are_counted_on_either_path(
+    started: Service, tmp_path: Path, path: str, mode: str, source: str
+) -> None:
+    with started.client() as client:
+        region, data = make_region(client, tmp_path, source, PAGES * PAGE)
+        touched = shuffled(range(PAGES), 7)[: PAGES // 2]
+        with client.attach(region.id, mode=mode) as attached:
+            assert Memory.of(attached).wrong_pages(data, touched) == []
+            entry = entry_of(client, attached.attachment_id)
+            counters = entry["counters"]
+        # One fault and one page per page touched, counted whoever served it; every fault's
+        # latency is in the histogram.
+        assert counters["faults"] == len(touched), counters
+        assert counters["pages_filled"] == len(touched), counters
+        assert counters["bytes_filled"] == len(touched) * PAGE, counters
+        assert counters["zero_pages"] == (len(touched) if source == "zero" else 0), counters
+        assert sum(bucket["count"] for bucket in entry["latency"]) == len(touched)
+        # The region holds what the client saw (shared modes filled it; private-copy did not).
+        assert client.read(region.id, 0, PAGES * PAGE) == data
+    stats = stop(started)
+    if path == "c":
+        assert stats["fast_path"] == 1
+        assert stats["native_faults"] == len(touched), stats
+    else:
+        assert stats["fast_path"] == 0
+        assert "native_faults" not in stats
+
+
+@pytest.mark.parametrize("mode", LAZY_MODES)
+def test_sequential_faults_grow_the_window_on_either_path(
+    service_dir: Path, shm_prefix: str, tmp_path: Path, path: str, mode: str
+) -> None:
+    running = Service(
+        service_dir,
+        shm_prefix,
+        ["--fault-around-max", "256", *(["--no-fast-path"] if path == "python" else [])],
+    )
+    running.start()
+    try:
+        with running.client() as client:
+            # 2 MiB: windows of 16, 32, 64, 128 and 256 pages, the last two split in halves
+            # done at once (PARALLEL_COPY_BYTES) on a machine with two CPUs.
+            region, data = make_region(client, tmp_path, "file", 2048 * PAGE)
+            with client.attach(region.id, mode=mode) as attached:
+                assert Memory.of(attached).wrong_pages(data, range(2048)) == []
+                counters = entry_of(client, attached.attachment_id)["counters"]
+            assert counters["faults"] <= 12, counters
+            assert counters["pages_filled"] == 2048, counters
+    finally:
+        stats = stop(running)
+    if path == "c":
+        assert stats["native_faults"] == counters["faults"], stats
+
+
+@pytest.mark.parametrize("mode", LAZY_MODES)
+def test_a_region_of_another_region_and_written_pages_are_served_by_python(
+    started: Service, tmp_path: Path, path: str, mode: str
+) -> None:
+    """Pages whose bytes are not simply the source's: the C side hands them over."""
+    with started.client() as client:
+        clone, clone_data = make_region(client, tmp_path, "clone", 32 * PAGE)
+        written, written_data = make_region(client, tmp_path, "bytes", 32 * PAGE)
+        for region, data in ((clone, clone_data), (written, written_data)):
+            with client.attach(region.id, mode=mode) as attached:
+                assert Memory.of(attached).wrong_pages(data, shuffled(range(32), 3)) == []
+    stats = stop(started)
+    if path == "c":
+        # The clone is never registered with the C side; the written region's faults on
+        # written pages go to Python (private-copy: the region has data there; shared modes:
+        # the page exists, EEXIST), the others are served in C.
+        assert 0 < stats["native_faults"] < 64, stats
+        assert stats["native_handoffs"] > 0, stats
+
+
+def test_events_go_to_python_before_the_faults_after_them(
+    started: Service, tmp_path: Path, path: str
+) -> None:
+    with started.client() as client:
+        region, data = make_region(client, tmp_path, "file", 64 * PAGE)
+        with client.attach(region.id, mode="private-copy") as attached:
+            memory = Memory.of(attached)
+            assert memory.wrong_pages(data, range(64)) == []
+            memory.write(0, b"private" * 100)
+            _libc.madvise(attached.address, 8 * PAGE, _libc.MADV_DONTNEED)  # EVENT_REMOVE
+            # The dropped pages read the region again, the private write is gone.
+            assert memory.wrong_pages(data, range(64)) == []
+            counters = entry_of(client, attached.attachment_id)["counters"]
+        assert counters["events_remove"] == 1, counters
+        assert counters["pages_filled"] == 64 + 8, counters
+    stats = stop(started)
+    if path == "c":
+        assert stats["native_handoffs"] >= 1, stats
+
+
+def test_region_writes_racing_faults_are_never_lost(
+    started: Service, tmp_path: Path, path: str
+) -> None:
+    """WriteRegion takes the region lock that the C side fills under: a page written through
+    gRPC while a client faults on it ends with the written bytes, whichever came first."""
+    pages = 512
+    with started.client() as client:
+        source, _ = random_file(tmp_path, pages * PAGE)
+        region = client.create_region(pages * PAGE, source=Source.of_file(source))
+        written = {page: bytes([page % 251 + 1]) * PAGE for page in range(0, pages, 2)}
+        with client.attach(region.id, mode="shared-copy") as attached:
+            memory = Memory.of(attached)
+            writer_client = Client(started.socket)
+            failures: list[BaseException] = []
+
+            def write_all() -> None:
+                try:
+                    for page, data in written.items():
+                        writer_client.write(region.id, page * PAGE, data)
+                except BaseException as exc:
+                    failures.append(exc)
+
+            writer = threading.Thread(target=write_all)
+            writer.start()
+            memory.read()  # every page faulted while the writes go on
+            writer.join()
+            writer_client.close()
+            assert failures == []
+            for page, data in written.items():
+                assert memory.page(page) == data, page
+                assert client.read(region.id, page * PAGE, PAGE) == data, page
+    stop(started)
