@@ -89,6 +89,11 @@ struct sf_attachment {
 	uint32_t leftover_length; /* bytes of unserved records in leftover */
 	struct sf_range *ranges;
 	int64_t leftover_read_ns; /* when the leftover records were read (CLOCK_MONOTONIC) */
+	/* a recording attachment's faults served here, page_index << 1 | write, for Python to
+	 * take (record_capacity 0: not recording); full, the faults go to Python */
+	uint64_t *record;
+	uint32_t record_capacity;
+	uint32_t record_length;
 	struct sf_counters counters;
 	uint8_t leftover[EVENTS_PER_READ * sizeof(struct uffd_msg)];
 };
@@ -365,19 +370,18 @@ static void piece_job(void *opaque)
 /* Map [address, address + length): one ioctl, or for a large window two at once (the kernel's
  * allocation and copy are the bound of a large fill, and they run on both CPUs). Returns how
  * many pieces were done (their results in pieces[]). */
-static int map_window(struct sf_engine *engine, const struct sf_attachment *attachment,
+static int map_window(struct sf_engine *engine, const struct sf_attachment *attachment, int mode,
 		      uint64_t address, uint64_t source, uint64_t length, struct piece pieces[2])
 {
 	uint64_t page = attachment->page_size;
 	uint64_t half = length / 2 - (length / 2) % page;
-	pieces[0] = (struct piece){attachment->uffd, attachment->mode, address, source, length,
-				   {0, 0}};
+	pieces[0] = (struct piece){attachment->uffd, mode, address, source, length, {0, 0}};
 	if (!engine->parallel_bytes || length < engine->parallel_bytes || !half) {
 		piece_job(&pieces[0]);
 		return 1;
 	}
 	pieces[0].length = half;
-	pieces[1] = (struct piece){attachment->uffd, attachment->mode, address + half,
+	pieces[1] = (struct piece){attachment->uffd, mode, address + half,
 				   source ? source + half : 0, length - half, {0, 0}};
 	run_both(engine, piece_job, &pieces[0], &pieces[1]);
 	return 2;
@@ -576,14 +580,15 @@ static void window_of(const struct sf_engine *engine, const struct sf_range *ran
 /* shared-copy: the whole window in one COPY (or ZEROPAGE); the kernel never overwrites a page
  * the region file has. */
 static int resolve_shared_copy(struct sf_engine *engine, struct sf_attachment *attachment,
-			       struct sf_range *range, uint64_t start, uint64_t end)
+			       struct sf_range *range, uint64_t start, uint64_t end, int *complete)
 {
 	uint64_t delta = range->base - range->region_offset;
 	uint64_t source = source_address(attachment, start, end);
 	if (!attachment->zero && !source)
 		return TO_PYTHON;
 	struct piece pieces[2];
-	int count = map_window(engine, attachment, start + delta, source, end - start, pieces);
+	int count = map_window(engine, attachment, SHARED_COPY, start + delta, source, end - start,
+			       pieces);
 	int outcome = SERVED;
 	for (int i = 0; i < count; i++) {
 		if (pieces[i].result.done)
@@ -593,26 +598,44 @@ static int resolve_shared_copy(struct sf_engine *engine, struct sf_attachment *a
 		if (pieces[i].result.error)
 			outcome = TO_PYTHON;
 	}
+	*complete = outcome == SERVED;
 	return outcome;
 }
 
-/* private-copy and shared-continue: the window's ABSENT runs, one ioctl each. */
+/* shared-continue: the window's holes filled from the source, counted. 0, or -1 (Python). */
+static int fill_window(struct sf_engine *engine, struct sf_attachment *attachment,
+		       uint64_t start, uint64_t end)
+{
+	uint64_t filled = 0;
+	int status = fill_holes(engine, attachment, start, end, &filled);
+	if (filled)
+		count_fill(attachment, filled, attachment->zero);
+	return status;
+}
+
+/* private-copy and shared-continue: the window's ABSENT runs, one ioctl each.
+ *
+ * shared-continue serves a MISSING fault (the page is not in the region file: nobody filled
+ * it) with UFFDIO_COPY into the client's shared mapping, as shared-copy does: it fills the
+ * region file and maps the page in one ioctl, where a pwrite and a CONTINUE take two passes.
+ * The attachment is registered MISSING and MINOR, so both are allowed; the kernel never copies
+ * over a page the file has (EEXIST, handed to Python, which fills and CONTINUEs). A MINOR fault
+ * (the file has the page) is served by filling the window's holes and CONTINUE. */
 static int resolve_runs(struct sf_engine *engine, struct sf_attachment *attachment,
-			struct sf_range *range, uint64_t start, uint64_t end, uint64_t index)
+			struct sf_range *range, uint64_t start, uint64_t end, uint64_t index,
+			int minor, int *complete)
 {
 	uint64_t page = attachment->page_size;
 	uint64_t first = (start - range->region_offset) / page;
 	uint64_t last = first + (end - start) / page;
 	uint8_t *states = range->pages;
 	int served = 0;
-	if (attachment->mode == SHARED_CONTINUE) {
-		uint64_t filled = 0;
-		int status = fill_holes(engine, attachment, start, end, &filled);
-		if (filled)
-			count_fill(attachment, filled, attachment->zero);
-		if (status)
-			return TO_PYTHON;
-	}
+	/* the ioctl: COPY (ZEROPAGE for zeros), or CONTINUE after filling the window's holes */
+	int copy = attachment->mode == PRIVATE_COPY || !minor;
+	*complete = 0; /* until the window is done without an error */
+	if (!copy && fill_window(engine, attachment, start, end))
+		return TO_PYTHON;
+	int failed = 0;
 	uint64_t run_start = first;
 	while (run_start < last) {
 		while (run_start < last && states[run_start] != ABSENT)
@@ -625,43 +648,81 @@ static int resolve_runs(struct sf_engine *engine, struct sf_attachment *attachme
 		uint64_t offset = range->region_offset + run_start * page;
 		uint64_t length = (run_end - run_start) * page;
 		uint64_t source = 0;
-		if (attachment->mode == PRIVATE_COPY) {
-			/* The source's bytes (or zeros) only where the region has none of the run's
-			 * pages; a run over written pages is read by the slow path. */
-			int has = region_has_data(attachment->region_fd, offset, offset + length);
-			if (has)
+		if (copy) {
+			/* private-copy: the source's bytes (or zeros) only where the region has none
+			 * of the run's pages; a run over written pages is read by the slow path.
+			 * shared-continue: the kernel refuses a page the file has. */
+			if (attachment->mode == PRIVATE_COPY &&
+			    region_has_data(attachment->region_fd, offset, offset + length))
 				return served ? SERVED : TO_PYTHON;
 			source = source_address(attachment, offset, offset + length);
 			if (!attachment->zero && !source)
 				return served ? SERVED : TO_PYTHON;
 		}
 		struct piece pieces[2];
-		int count = map_window(engine, attachment, range->base + run_start * page, source,
-				       length, pieces);
-		int failed = 0;
+		int count = map_window(engine, attachment, copy ? SHARED_COPY : SHARED_CONTINUE,
+				       range->base + run_start * page, source, length, pieces);
+		int to_continue = 0;
 		for (int i = 0; i < count; i++) {
 			uint64_t piece_start = (pieces[i].address - range->base) / page;
 			uint64_t done = pieces[i].result.done / page;
+			int error = pieces[i].result.error;
 			mark_mapped(range, piece_start, piece_start + done);
-			if (attachment->mode == PRIVATE_COPY)
+			if (copy)
 				count_fill(attachment, done * page, attachment->zero);
 			if (piece_start <= index && index < piece_start + done)
 				served = 1;
-			if (pieces[i].result.error) {
-				failed = 1;
-				if (pieces[i].result.error == EEXIST &&
-				    piece_start + done < last)
-					states[piece_start + done] = MAPPED; /* mapped already */
-			}
+			if (!error)
+				continue;
+			failed = 1;
+			if (error != EEXIST && error != EAGAIN)
+				return served ? SERVED : TO_PYTHON; /* Python reacts to the errno */
+			if (copy && attachment->mode == SHARED_CONTINUE)
+				to_continue = 1; /* the file has a page of the window */
+			else if (error == EEXIST && piece_start + done < last)
+				states[piece_start + done] = MAPPED; /* mapped already */
+			/* EAGAIN (a partial copy): the rest of the piece is left to fault, as the
+			 * Python engine leaves it; a fault page among it goes to Python below. */
 		}
-		if (failed)
-			return served ? SERVED : TO_PYTHON;
+		if (to_continue) {
+			/* shared-continue, a page of the window in the file already: the rest the
+			 * way the Python engine does all of it, holes filled, then CONTINUE. */
+			copy = 0;
+			failed = 0;
+			if (fill_window(engine, attachment, start, end))
+				return served ? SERVED : TO_PYTHON;
+			run_end = first;
+		}
 		run_start = run_end;
 	}
+	*complete = !failed;
 	return served ? SERVED : TO_PYTHON;
 }
 
-static int resolve(struct sf_engine *engine, struct sf_attachment *attachment, uint64_t address)
+/* Fill region offsets [start, end) of `range` by the attachment's mode, under the region
+ * lock, resolving the fault at `index` (a page of the range; UINT64_MAX: none, a prefetch).
+ * *complete says whether the whole block was done without an error. */
+static int fill_block(struct sf_engine *engine, struct sf_attachment *attachment,
+		      struct sf_range *range, uint64_t start, uint64_t end, uint64_t index,
+		      int minor, int *complete)
+{
+	struct sf_region *region = attachment->region;
+	int outcome = TO_PYTHON;
+	*complete = 0;
+	pthread_mutex_lock(&region->lock);
+	if (region->closed)
+		outcome = TO_PYTHON;
+	else if (attachment->mode == SHARED_COPY)
+		outcome = resolve_shared_copy(engine, attachment, range, start, end, complete);
+	else
+		outcome = resolve_runs(engine, attachment, range, start, end, index, minor,
+				       complete);
+	pthread_mutex_unlock(&region->lock);
+	return outcome;
+}
+
+static int resolve(struct sf_engine *engine, struct sf_attachment *attachment, uint64_t address,
+		   int minor, uint64_t *page_index)
 {
 	struct sf_range *range = NULL;
 	for (uint32_t i = 0; i < attachment->range_count; i++) {
@@ -680,21 +741,30 @@ static int resolve(struct sf_engine *engine, struct sf_attachment *attachment, u
 		return TO_PYTHON; /* removed, zeroed, or a state the page tables disagree with */
 	uint64_t start, end, pages;
 	window_of(engine, range, page, offset, &start, &end, &pages);
-	struct sf_region *region = attachment->region;
-	pthread_mutex_lock(&region->lock);
-	int outcome;
-	if (region->closed)
-		outcome = TO_PYTHON;
-	else if (attachment->mode == SHARED_COPY)
-		outcome = resolve_shared_copy(engine, attachment, range, start, end);
-	else
-		outcome = resolve_runs(engine, attachment, range, start, end, index);
-	pthread_mutex_unlock(&region->lock);
+	int complete;
+	int outcome = fill_block(engine, attachment, range, start, end, index, minor, &complete);
 	if (outcome == SERVED) {
 		range->window_pages = pages;
 		range->sequential_next = (int64_t)end;
+		*page_index = offset / page;
 	}
 	return outcome;
+}
+
+/* Fill region offsets [start, end) of range `range_index` ahead of the client (a replay step).
+ * Adds the pages filled to *filled; 0 when the block was done whole, -1 when Python must finish
+ * it (a page raced in, an error: the Python engine reacts as it does for its own fills). */
+int sf_fill(struct sf_engine *engine, struct sf_attachment *attachment, uint32_t range_index,
+	    uint64_t start, uint64_t end, uint64_t *filled)
+{
+	if (range_index >= attachment->range_count)
+		return -1;
+	uint64_t before = attachment->counters.pages_filled;
+	int complete;
+	fill_block(engine, attachment, &attachment->ranges[range_index], start, end, UINT64_MAX,
+		   0, &complete);
+	*filled = attachment->counters.pages_filled - before;
+	return complete ? 0 : -1;
 }
 
 static int latency_bucket(const struct sf_engine *engine, uint64_t nanoseconds)
@@ -736,8 +806,17 @@ static int serve(struct sf_engine *engine, struct sf_attachment *attachment)
 	if (whole) {
 		for (; first_unserved < records; first_unserved++) {
 			struct uffd_msg *message = &messages[first_unserved];
-			if (resolve(engine, attachment, message->arg.pagefault.address) != SERVED)
+			uint64_t flags = message->arg.pagefault.flags;
+			uint64_t page_index;
+			if (attachment->record_length == attachment->record_capacity &&
+			    attachment->record_capacity)
+				break; /* Python takes the recorded faults first */
+			if (resolve(engine, attachment, message->arg.pagefault.address,
+				    flags & UFFD_PAGEFAULT_FLAG_MINOR, &page_index) != SERVED)
 				break;
+			if (attachment->record_capacity)
+				attachment->record[attachment->record_length++] =
+					page_index << 1 | !!(flags & UFFD_PAGEFAULT_FLAG_WRITE);
 			if (message->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR)
 				attachment->counters.faults_minor++;
 			else

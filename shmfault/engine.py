@@ -754,8 +754,7 @@ class FaultEngine:
 
     def _go_native(self, attachment: Attachment) -> None:
         """Let the C side serve the attachment's faults, when it can serve the common one: a
-        copy mode over base pages, the region's content zeros or a mapped file, nothing to
-        record or replay (those stay in Python)."""
+        copy mode over base pages, the region's content zeros or a mapped file."""
         region = attachment.region
         lock = region.native_lock
         if (
@@ -763,8 +762,6 @@ class FaultEngine:
             or lock is None
             or attachment.uffd is None
             or attachment.mode not in (Mode.SHARED_COPY, Mode.SHARED_CONTINUE, Mode.PRIVATE_COPY)
-            or attachment.recorder is not None
-            or attachment.replay is not None
             or region.backing.kind is BackingKind.HUGETLB
             or region.page_size != _BASE_PAGE
         ):
@@ -784,6 +781,7 @@ class FaultEngine:
                 page_size=region.page_size,
                 region_lock=lock,
                 ranges=attachment.ranges,
+                recording=attachment.recorder is not None,
             )
         self._native.watch(attachment.uffd.fileno(), native)
         attachment.native = attachment.stats.native = native
@@ -796,8 +794,14 @@ class FaultEngine:
         assert attachment.uffd is not None
         self._native.unwatch(attachment.uffd.fileno())
         attachment.native.pull(attachment.ranges)
+        self._take_recorded(attachment, attachment.native)
         attachment.stats.fold_native()
         attachment.native = None
+
+    def _take_recorded(self, attachment: Attachment, native: fastpath.NativeAttachment) -> None:
+        """Move the faults the C side served and recorded to the attachment's recorder."""
+        if attachment.recorder is not None:
+            attachment.recorder.record_entries(native.take_recorded())
 
     def _finish(self, attachment: Attachment, reason: str, reply: bytes | None = None) -> None:
         """End an attachment: stop watching it, close its uffd, count it ended (``on_end``),
@@ -902,6 +906,7 @@ class FaultEngine:
         # go back and forth: this thread may move them, and a remap moves a range.
         records, read_at = native.leftover()
         native.pull(attachment.ranges)
+        self._take_recorded(attachment, native)  # before the records left over: in order
         try:
             self._serve_uffd_records(attachment, records, read_at)
         finally:
@@ -1546,6 +1551,13 @@ class FaultEngine:
                 blocks.append((mapped_range, start, end))
         stats = attachment.stats
         for mapped_range, start, end in blocks:
+            if attachment.native is not None and self._native is not None:
+                done, filled = self._native.fill(
+                    attachment.native, attachment.ranges.index(mapped_range), start, end
+                )
+                stats.pages_prefetched += filled
+                if done:
+                    continue  # else the Python fill finishes the block (and meets its error)
             before = stats.pages_filled
             try:
                 self._fill(attachment, mapped_range, start, end, None)

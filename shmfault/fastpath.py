@@ -41,6 +41,8 @@ ABI_VERSION = 1
 #: records one read takes (engine.EVENTS_PER_READ) and the size of one
 _EVENTS_PER_READ = 64
 _MSG_SIZE = 32
+#: faults a recording attachment's C side keeps before Python must take them
+RECORD_CAPACITY = 4096
 #: buckets of the latency histogram (engine.LATENCY_BOUNDS_NS plus the overflow bucket)
 LATENCY_BUCKETS = 22
 _MAX_READY = 256
@@ -94,6 +96,9 @@ class AttachmentStruct(ctypes.Structure):
         ("leftover_length", ctypes.c_uint32),
         ("ranges", ctypes.POINTER(Range)),
         ("leftover_read_ns", ctypes.c_int64),
+        ("record", ctypes.c_void_p),
+        ("record_capacity", ctypes.c_uint32),
+        ("record_length", ctypes.c_uint32),
         ("counters", Counters),
         ("leftover", ctypes.c_uint8 * (_EVENTS_PER_READ * _MSG_SIZE)),
     ]
@@ -186,6 +191,18 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         ("sf_watch", [engine, ctypes.c_int, ctypes.POINTER(AttachmentStruct)], ctypes.c_int),
         ("sf_wait", [engine, ctypes.c_int, ctypes.c_int], ctypes.c_int),
         ("sf_mark_active", [engine], None),
+        (
+            "sf_fill",
+            [
+                engine,
+                ctypes.POINTER(AttachmentStruct),
+                ctypes.c_uint32,
+                ctypes.c_uint64,
+                ctypes.c_uint64,
+                ctypes.POINTER(ctypes.c_uint64),
+            ],
+            ctypes.c_int,
+        ),
     ):
         function = getattr(lib, name)
         function.argtypes = argtypes
@@ -238,7 +255,8 @@ class NativeAttachment:
 
     The page-state bytearrays are shared with the C code (exported buffers: their size must not
     change while this object lives). The fault-around window is copied: :meth:`pull` before
-    Python serves the attachment, :meth:`push` after (the engine thread does both).
+    Python serves the attachment, :meth:`push` after (the engine thread does both). With
+    ``recording``, the C side keeps the faults it serves for :meth:`take_recorded`.
     """
 
     def __init__(
@@ -252,11 +270,16 @@ class NativeAttachment:
         page_size: int,
         region_lock: RegionLock,
         ranges: list[Any],
+        recording: bool = False,
     ) -> None:
         self.struct = AttachmentStruct()
         self._ranges = (Range * len(ranges))()
-        self._page_arrays = [(ctypes.c_uint8 * len(r.pages)).from_buffer(r.pages) for r in ranges]
+        # by range object: a remap re-sorts the engine's list, and each range keeps its pages
+        self._page_arrays = {
+            id(r): (ctypes.c_uint8 * len(r.pages)).from_buffer(r.pages) for r in ranges
+        }
         self._region_lock = region_lock  # the C side points into it
+        self._record = (ctypes.c_uint64 * RECORD_CAPACITY)() if recording else None
         struct = self.struct
         struct.uffd = uffd
         struct.mode = mode
@@ -271,17 +294,18 @@ class NativeAttachment:
         struct.region = region_lock.address
         struct.range_count = len(ranges)
         struct.ranges = ctypes.cast(self._ranges, ctypes.POINTER(Range))
+        if self._record is not None:
+            struct.record = ctypes.addressof(self._record)
+            struct.record_capacity = RECORD_CAPACITY
         self.push(ranges)
 
     def push(self, ranges: list[Any]) -> None:
         """Give the C side the ranges as Python left them (a remap moves a base)."""
-        for native, mapped_range, pages in zip(
-            self._ranges, ranges, self._page_arrays, strict=True
-        ):
+        for native, mapped_range in zip(self._ranges, ranges, strict=True):
             native.base = mapped_range.base
             native.length = mapped_range.length
             native.region_offset = mapped_range.region_offset
-            native.pages = ctypes.addressof(pages)
+            native.pages = ctypes.addressof(self._page_arrays[id(mapped_range)])
             native.sequential_next = mapped_range.sequential_next
             native.window_pages = mapped_range.window_pages
 
@@ -301,6 +325,16 @@ class NativeAttachment:
         return ctypes.string_at(ctypes.addressof(self.struct.leftover), length), int(
             self.struct.leftover_read_ns
         )
+
+    def take_recorded(self) -> list[int]:
+        """The faults the C side served since the last call, ``page_index << 1 | write``, in
+        order; cleared."""
+        length = self.struct.record_length
+        if self._record is None or not length:
+            return []
+        entries = self._record[:length]
+        self.struct.record_length = 0
+        return entries
 
     def counters(self) -> dict[str, int]:
         """The C side's counters (read while it may add to them)."""
@@ -364,6 +398,22 @@ class NativeEngine:
         if count < 0:
             raise OSError(-count, os.strerror(-count))
         return list(self.struct.ready[:count])
+
+    def fill(
+        self, attachment: NativeAttachment, range_index: int, start: int, end: int
+    ) -> tuple[bool, int]:
+        """Fill region offsets ``[start, end)`` of range ``range_index`` ahead of the client:
+        (whether the whole block was done, pages filled). Not done: the caller finishes it."""
+        filled = ctypes.c_uint64(0)
+        status = self._lib.sf_fill(
+            self._pointer,
+            ctypes.byref(attachment.struct),
+            range_index,
+            start,
+            end,
+            ctypes.byref(filled),
+        )
+        return status == 0, filled.value
 
     def mark_active(self) -> None:
         """Python served something: start the spin window now."""

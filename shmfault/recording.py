@@ -136,6 +136,13 @@ class Recorder:
             )
         self._append(page_index << 1 | (1 if write else 0))
 
+    def record_entries(self, entries: list[int]) -> None:
+        """Faults recorded elsewhere (the engine's C side), ``page_index << 1 | write`` each, in
+        order. Raises :class:`ValueError` as :meth:`record` does, before recording any."""
+        if entries and max(entries) >> 1 >= self._page_count:
+            raise ValueError(f"a page index is outside the region ({self._page_count} pages)")
+        self._entries.extend(entries)
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from shmfault import _libc, fastpath
+from shmfault import _libc, fastpath, recording
 from shmfault.client import Client
 from shmfault.store import Source
 from tests.integration.attach_helpers import (
@@ -27,6 +27,7 @@ from tests.integration.attach_helpers import (
     entry_of,
     make_region,
     random_file,
+    settle,
     shuffled,
 )
 from tests.integration.conftest import Service
@@ -200,3 +201,29 @@ def test_region_writes_racing_faults_are_never_lost(
                 assert memory.page(page) == data, page
                 assert client.read(region.id, page * PAGE, PAGE) == data, page
     stop(started)
+
+
+def test_a_recording_longer_than_the_c_sides_buffer_keeps_every_fault_in_order(
+    started: Service, tmp_path: Path, path: str
+) -> None:
+    """The C side keeps 4,096 recorded faults; past that the engine takes them before it
+    serves more, so the recording is whole and in fault order on either path."""
+    pages = fastpath.RECORD_CAPACITY + 1000
+    with started.client() as client:
+        region, data = make_region(client, tmp_path, "file", pages * PAGE)
+        order = shuffled(range(pages), 9)
+        with client.attach(region.id, mode="shared-copy", record=True) as attached:
+            assert Memory.of(attached).wrong_pages(data, order) == []
+            attachment_id = attached.attachment_id
+        settle(lambda: entry_of(client, attachment_id)["recording_id"] != "", "recording saved")
+        recording_id = entry_of(client, attachment_id)["recording_id"]
+        settle(
+            lambda: any(r["recording_id"] == recording_id for r in client.list_recordings()),
+            "recording written",
+        )
+        _info, encoded = client.get_recording(recording_id)
+        assert recording.decode(encoded).pages() == order
+    stats = stop(started)
+    if path == "c":
+        # Each time the buffer was full, one fault went to Python with it.
+        assert stats["native_faults"] >= pages - pages // fastpath.RECORD_CAPACITY, stats
