@@ -233,7 +233,7 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         dest="fault_around_max_pages",
         metavar="PAGES",
         help="where access is sequential, grow the fault-around window up to this many pages "
-        "(default 256; at or below --fault-around: no growth; huge pages never grow)",
+        "(default 1024; at or below --fault-around: no growth; huge pages never grow)",
     )
     parser.add_argument(
         "--spin-us",

@@ -74,7 +74,7 @@ _NOT_RUN = "not run"
 DESCRIPTIONS: Mapping[Mode, str] = {
     Mode.SHARED_COPY: "region fd MAP_SHARED, MISSING faults, UFFDIO_COPY into the shared file",
     Mode.SHARED_CONTINUE: "region fd MAP_SHARED, MISSING+MINOR faults, page cache filled, "
-    "then UFFDIO_CONTINUE",
+    "then UFFDIO_CONTINUE (a MISSING fault: UFFDIO_COPY on the C fast path)",
     Mode.PRIVATE_COPY: "anonymous MAP_PRIVATE, MISSING faults, UFFDIO_COPY (writes private)",
     Mode.EAGER: "region filled before attach returns; no userfaultfd",
 }

@@ -136,7 +136,7 @@ class ServerConfig:
     probe_round_trips: bool = True
     fault_around_pages: int = 16
     # Sequential access grows the window up to this; at or below fault_around_pages: no growth.
-    fault_around_max_pages: int = 256
+    fault_around_max_pages: int = 1024
     # Poll this long after serving before sleeping (adaptive: a probe after long gaps).
     spin_us: int = 200
     # Serve the common fault in C when the library is built (shmfault/fastpath.py).
