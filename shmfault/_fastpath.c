@@ -31,7 +31,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -96,6 +98,7 @@ struct sf_attachment {
 	uint32_t record_length;
 	struct sf_counters counters;
 	uint8_t leftover[EVENTS_PER_READ * sizeof(struct uffd_msg)];
+	int32_t in_lane; /* a lane's epoll set holds it: the lane may serve it (struct lane) */
 };
 
 struct sf_engine {
@@ -851,34 +854,48 @@ static int64_t spin_window(int64_t gap, int64_t spin_ns, int64_t divisor)
 /* Wait for readiness on the engine's epoll set (at most timeout_ms; -1: no limit, 0: a look)
  * and serve what can be served here. Returns how many fds are in engine->ready for Python
  * (0: the timeout passed or a signal came), or -errno. */
+/* One look at the engine's epoll set, spinning bookkeeping included: waits at most
+ * timeout_ms unless spinning. Returns the events' count, or -errno. */
+static int poll_once(struct sf_engine *engine, int timeout_ms, int probe_divisor,
+		     struct epoll_event *events, int *spinning)
+{
+	int64_t now = engine->spin_ns ? now_ns() : 0;
+	*spinning = now < engine->spin_until;
+	if (engine->spin_until && !*spinning) {
+		engine->spin_time_ns += (uint64_t)(engine->spin_until - engine->idle_since);
+		engine->spin_until = 0;
+	}
+	int count = epoll_wait(engine->epfd, events, EPOLL_BATCH, *spinning ? 0 : timeout_ms);
+	if (count < 0)
+		return -errno;
+	if (*spinning) {
+		engine->spin_polls++;
+		if (count) {
+			engine->spin_hits++;
+			engine->spin_time_ns += (uint64_t)(now_ns() - engine->idle_since);
+			engine->spin_until = 0;
+		}
+	}
+	if (count && engine->spin_ns) {
+		engine->spin_window_ns =
+			spin_window(now_ns() - engine->idle_since, engine->spin_ns, probe_divisor);
+		engine->spin_probes += engine->spin_window_ns < engine->spin_ns;
+	}
+	return count;
+}
+
+/* Wait for readiness on the engine's epoll set (at most timeout_ms; -1: no limit, 0: a look)
+ * and serve what can be served here. Returns how many fds are in engine->ready for Python
+ * (0: the timeout passed or a signal came), or -errno. */
 int sf_wait(struct sf_engine *engine, int timeout_ms, int probe_divisor)
 {
 	struct epoll_event events[EPOLL_BATCH];
 	engine->ready_count = 0;
 	for (;;) {
-		int64_t now = engine->spin_ns ? now_ns() : 0;
-		int spinning = now < engine->spin_until;
-		if (engine->spin_until && !spinning) {
-			engine->spin_time_ns += (uint64_t)(engine->spin_until - engine->idle_since);
-			engine->spin_until = 0;
-		}
-		int count = epoll_wait(engine->epfd, events, EPOLL_BATCH,
-				       spinning ? 0 : timeout_ms);
+		int spinning;
+		int count = poll_once(engine, timeout_ms, probe_divisor, events, &spinning);
 		if (count < 0)
-			return errno == EINTR ? 0 : -errno;
-		if (spinning) {
-			engine->spin_polls++;
-			if (count) {
-				engine->spin_hits++;
-				engine->spin_time_ns += (uint64_t)(now_ns() - engine->idle_since);
-				engine->spin_until = 0;
-			}
-		}
-		if (count && engine->spin_ns) {
-			engine->spin_window_ns = spin_window(now_ns() - engine->idle_since,
-							     engine->spin_ns, probe_divisor);
-			engine->spin_probes += engine->spin_window_ns < engine->spin_ns;
-		}
+			return count == -EINTR ? 0 : count;
 		for (int i = 0; i < count; i++) {
 			int fd = events[i].data.fd;
 			struct sf_attachment *attachment =
@@ -888,14 +905,265 @@ int sf_wait(struct sf_engine *engine, int timeout_ms, int probe_divisor)
 			if (engine->ready_count < MAX_READY)
 				engine->ready[engine->ready_count++] = fd;
 		}
-		if (count && engine->spin_ns) {
-			engine->idle_since = now_ns();
-			engine->spin_until = engine->idle_since + engine->spin_window_ns;
-		}
+		if (count)
+			sf_mark_active(engine);
 		if (engine->ready_count)
 			engine->batches_returned++;
 		if (engine->ready_count || (!spinning && count == 0) ||
 		    (!spinning && timeout_ms == 0))
 			return engine->ready_count;
 	}
+}
+
+/* --- lanes: more engine threads, all in C ---
+ *
+ * A lane is a thread with an epoll set of its own, serving the attachments lent to it exactly
+ * as sf_wait serves the engine thread's. What it cannot serve it hands back: it takes the
+ * userfaultfd out of its set, queues the attachment and writes the engine's eventfd; the
+ * engine thread serves it in Python and lends it again (sf_lane_give), or ends it. A lane holds
+ * its lock while it serves one attachment: sf_lane_take / sf_lane_unwatch, under the same lock,
+ * return only once it is not serving that one and will not. */
+
+struct handbacks {
+	pthread_mutex_t lock;
+	int eventfd;
+	uint32_t count;
+	uint32_t capacity;
+	struct sf_attachment **items;
+};
+
+struct lane {
+	struct sf_engine engine;
+	pthread_t thread;
+	pthread_mutex_t lock;
+	int wake_fd;
+	volatile int stop;
+	int probe_divisor;
+	struct handbacks *handbacks;
+};
+
+void *sf_handbacks_new(int eventfd)
+{
+	struct handbacks *handbacks = calloc(1, sizeof(*handbacks));
+	if (!handbacks)
+		return NULL;
+	pthread_mutex_init(&handbacks->lock, NULL);
+	handbacks->eventfd = eventfd;
+	return handbacks;
+}
+
+void sf_handbacks_free(void *opaque)
+{
+	struct handbacks *handbacks = opaque;
+	if (!handbacks)
+		return;
+	pthread_mutex_destroy(&handbacks->lock);
+	free(handbacks->items);
+	free(handbacks);
+}
+
+/* The attachments handed back since the last call (at most `room`), oldest first. */
+int sf_handbacks_take(void *opaque, struct sf_attachment **out, int room)
+{
+	struct handbacks *handbacks = opaque;
+	pthread_mutex_lock(&handbacks->lock);
+	int count = (int)handbacks->count < room ? (int)handbacks->count : room;
+	memcpy(out, handbacks->items, (size_t)count * sizeof(*out));
+	memmove(handbacks->items, handbacks->items + count,
+		(handbacks->count - (uint32_t)count) * sizeof(*out));
+	handbacks->count -= (uint32_t)count;
+	pthread_mutex_unlock(&handbacks->lock);
+	return count;
+}
+
+static int hand_back(struct handbacks *handbacks, struct sf_attachment *attachment)
+{
+	pthread_mutex_lock(&handbacks->lock);
+	if (handbacks->count == handbacks->capacity) {
+		uint32_t capacity = handbacks->capacity ? handbacks->capacity * 2 : 64;
+		struct sf_attachment **items =
+			realloc(handbacks->items, capacity * sizeof(*items));
+		if (!items) {
+			pthread_mutex_unlock(&handbacks->lock);
+			return -1;
+		}
+		handbacks->items = items;
+		handbacks->capacity = capacity;
+	}
+	handbacks->items[handbacks->count++] = attachment;
+	pthread_mutex_unlock(&handbacks->lock);
+	uint64_t one = 1;
+	while (write(handbacks->eventfd, &one, sizeof(one)) < 0 && errno == EINTR)
+		;
+	return 0;
+}
+
+static void *lane_main(void *opaque)
+{
+	struct lane *lane = opaque;
+	struct sf_engine *engine = &lane->engine;
+	sigset_t all;
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the Python threads' business */
+	struct epoll_event events[EPOLL_BATCH];
+	while (!lane->stop) {
+		int spinning;
+		int count = poll_once(engine, -1, lane->probe_divisor, events, &spinning);
+		if (count < 0)
+			continue; /* EINTR; nothing else is expected of a valid epoll fd */
+		for (int i = 0; i < count; i++) {
+			int fd = events[i].data.fd;
+			if (fd == lane->wake_fd)
+				continue;
+			pthread_mutex_lock(&lane->lock);
+			struct sf_attachment *attachment =
+				fd < engine->table_size ? engine->table[fd] : NULL;
+			if (attachment && attachment->in_lane &&
+			    serve(engine, attachment) != SERVED) {
+				epoll_ctl(engine->epfd, EPOLL_CTL_DEL, fd, NULL);
+				attachment->in_lane = 0;
+				engine->batches_returned++;
+				if (hand_back(lane->handbacks, attachment)) {
+					/* no memory for the queue: keep serving it here rather than
+					 * lose it (its records stay in the leftover buffer) */
+					struct epoll_event event = {.events = EPOLLIN,
+								    .data.fd = fd};
+					epoll_ctl(engine->epfd, EPOLL_CTL_ADD, fd, &event);
+					attachment->in_lane = 1;
+				}
+			}
+			pthread_mutex_unlock(&lane->lock);
+		}
+		if (count)
+			sf_mark_active(engine);
+	}
+	return NULL;
+}
+
+/* A lane configured like `model` (fault-around, spin, latency bounds, parallel copies),
+ * handing back through `handbacks`; started. NULL when it cannot be. */
+void *sf_lane_start(const struct sf_engine *model, void *handbacks, int probe_divisor)
+{
+	struct lane *lane = calloc(1, sizeof(*lane));
+	if (!lane)
+		return NULL;
+	int epfd = epoll_create1(EPOLL_CLOEXEC);
+	int wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (epfd < 0 || wake_fd < 0)
+		goto fail;
+	sf_engine_init(&lane->engine, epfd);
+	lane->engine.fault_around_pages = model->fault_around_pages;
+	lane->engine.fault_around_max_pages = model->fault_around_max_pages;
+	lane->engine.base_page = model->base_page;
+	memcpy(lane->engine.latency_bounds, model->latency_bounds,
+	       sizeof(model->latency_bounds));
+	lane->engine.spin_ns = model->spin_ns;
+	lane->engine.spin_window_ns = model->spin_ns;
+	lane->engine.parallel_bytes = model->parallel_bytes;
+	lane->wake_fd = wake_fd;
+	lane->probe_divisor = probe_divisor;
+	lane->handbacks = handbacks;
+	pthread_mutex_init(&lane->lock, NULL);
+	struct epoll_event event = {.events = EPOLLIN, .data.fd = wake_fd};
+	if (epoll_ctl(epfd, EPOLL_CTL_ADD, wake_fd, &event))
+		goto fail_lock;
+	if (pthread_create(&lane->thread, NULL, lane_main, lane))
+		goto fail_lock;
+	return lane;
+fail_lock:
+	pthread_mutex_destroy(&lane->lock);
+fail:
+	if (epfd >= 0)
+		close(epfd);
+	if (wake_fd >= 0)
+		close(wake_fd);
+	free(lane);
+	return NULL;
+}
+
+/* Stop the lane's thread and free it (its attachments were unwatched first). */
+void sf_lane_stop(void *opaque)
+{
+	struct lane *lane = opaque;
+	lane->stop = 1;
+	uint64_t one = 1;
+	while (write(lane->wake_fd, &one, sizeof(one)) < 0 && errno == EINTR)
+		;
+	pthread_join(lane->thread, NULL);
+	sf_engine_free(&lane->engine);
+	close(lane->engine.epfd);
+	close(lane->wake_fd);
+	pthread_mutex_destroy(&lane->lock);
+	free(lane);
+}
+
+/* The lane's engine, for its counters (read without the lock). */
+struct sf_engine *sf_lane_engine(void *opaque) { return &((struct lane *)opaque)->engine; }
+
+/* Lend the attachment (its userfaultfd `fd`) to the lane. 0, or an errno. */
+int sf_lane_watch(void *opaque, int fd, struct sf_attachment *attachment)
+{
+	struct lane *lane = opaque;
+	pthread_mutex_lock(&lane->lock);
+	int rc = sf_watch(&lane->engine, fd, attachment);
+	if (!rc) {
+		struct epoll_event event = {.events = EPOLLIN, .data.fd = fd};
+		if (epoll_ctl(lane->engine.epfd, EPOLL_CTL_ADD, fd, &event)) {
+			rc = errno;
+			sf_watch(&lane->engine, fd, NULL);
+		} else {
+			attachment->in_lane = 1;
+		}
+	}
+	pthread_mutex_unlock(&lane->lock);
+	return rc;
+}
+
+/* Take the attachment back from the lane for good (before its userfaultfd is closed). */
+void sf_lane_unwatch(void *opaque, int fd)
+{
+	struct lane *lane = opaque;
+	pthread_mutex_lock(&lane->lock);
+	struct sf_attachment *attachment =
+		fd < lane->engine.table_size ? lane->engine.table[fd] : NULL;
+	if (attachment) {
+		if (attachment->in_lane)
+			epoll_ctl(lane->engine.epfd, EPOLL_CTL_DEL, fd, NULL);
+		attachment->in_lane = 0;
+		sf_watch(&lane->engine, fd, NULL);
+	}
+	pthread_mutex_unlock(&lane->lock);
+}
+
+/* Take the attachment back for a while: the lane does not serve it until sf_lane_give. */
+void sf_lane_take(void *opaque, int fd)
+{
+	struct lane *lane = opaque;
+	pthread_mutex_lock(&lane->lock);
+	struct sf_attachment *attachment =
+		fd < lane->engine.table_size ? lane->engine.table[fd] : NULL;
+	if (attachment && attachment->in_lane) {
+		epoll_ctl(lane->engine.epfd, EPOLL_CTL_DEL, fd, NULL);
+		attachment->in_lane = 0;
+	}
+	pthread_mutex_unlock(&lane->lock);
+}
+
+/* Lend it again: the lane serves it from now on. 0, or an errno. */
+int sf_lane_give(void *opaque, int fd)
+{
+	struct lane *lane = opaque;
+	int rc = 0;
+	pthread_mutex_lock(&lane->lock);
+	struct sf_attachment *attachment =
+		fd < lane->engine.table_size ? lane->engine.table[fd] : NULL;
+	if (attachment && !attachment->in_lane) {
+		struct epoll_event event = {.events = EPOLLIN, .data.fd = fd};
+		if (epoll_ctl(lane->engine.epfd, EPOLL_CTL_ADD, fd, &event))
+			rc = errno;
+		else
+			attachment->in_lane = 1;
+	}
+	pthread_mutex_unlock(&lane->lock);
+	return rc;
 }

@@ -266,6 +266,14 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="probe the kernel at startup without faulting real pages",
     )
     parser.add_argument(
+        "--fault-threads",
+        type=int,
+        dest="fault_threads",
+        metavar="N",
+        help="threads that serve faults on the C fast path, the attachments spread over them "
+        "(default 0: one per CPU, at most 4)",
+    )
+    parser.add_argument(
         "--no-fast-path",
         action="store_false",
         default=None,

@@ -90,6 +90,8 @@ MAX_RETRIES = 16
 #: Times in a row one page may fault again after an EEXIST wake before the attachment is ended.
 MAX_REFAULTS = 10_000
 #: A read of a client's userfaultfd that has not returned after this many seconds was made to
+#: Most threads that serve faults in C (FaultEngine ``threads``' default: one per CPU).
+MAX_FAULT_THREADS = 4
 #: block by the client (it shares the file: it cleared O_NONBLOCK and read its own events).
 READ_STALL = 0.25
 #: The signal that interrupts such a read (sent to the engine thread only); the engine takes
@@ -399,7 +401,7 @@ def _interrupt_only(signum: int, frame: object) -> None:
     """STALL_SIGNAL's handler: its delivery interrupts the engine's read; nothing else."""
 
 
-_UFFD, _CONNECTION, _PIDFD, _CONTROL = range(4)
+_UFFD, _CONNECTION, _PIDFD, _CONTROL, _HANDBACK = range(5)
 
 
 class FaultEngine:
@@ -424,6 +426,9 @@ class FaultEngine:
 
     ``fast_path``: wait and serve the common page fault in C (:mod:`shmfault.fastpath`) when
     the library is built; everything else, and every fault without it, is served here.
+    ``threads``: with the fast path, how many threads serve faults in C: this one and
+    ``threads - 1`` lane threads, the attachments spread over them (default: one per CPU, at
+    most :data:`MAX_FAULT_THREADS`).
     """
 
     def __init__(
@@ -434,6 +439,7 @@ class FaultEngine:
         spin_us: int = 0,
         on_end: Callable[[Attachment], None] | None = None,
         fast_path: bool = True,
+        threads: int | None = None,
     ) -> None:
         if fault_around_pages < 1:
             raise ValueError(f"fault_around_pages must be >= 1, not {fault_around_pages}")
@@ -446,6 +452,8 @@ class FaultEngine:
         self.fault_around_max_pages = maximum
         if spin_us < 0:
             raise ValueError(f"spin_us must be >= 0, not {spin_us}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, not {threads}")
         self.fault_around_pages = fault_around_pages
         self.spin_ns = spin_us * 1000
         #: the current spin window (adaptive: the whole spin_us, or a short probe)
@@ -500,8 +508,13 @@ class FaultEngine:
                 spin_ns=self.spin_ns,
                 probe_divisor=SPIN_PROBE_DIVISOR,
                 parallel_bytes=PARALLEL_COPY_BYTES if self._copier is not None else 0,
+                lanes=(min(os.cpu_count() or 1, MAX_FAULT_THREADS) if threads is None else threads)
+                - 1,
             )
         )
+        if self._native is not None:
+            self._fds[self._native.handback_fd] = (_HANDBACK, None)
+            self._epoll.register(self._native.handback_fd, select.EPOLLIN)
 
     @property
     def fast_path(self) -> bool:
@@ -649,6 +662,12 @@ class FaultEngine:
             if kind == _CONTROL:
                 if not self._control_events():
                     return False
+            elif kind == _HANDBACK:
+                assert self._native is not None
+                for native in self._native.take_handbacks():
+                    handed: Attachment = native.owner
+                    if handed.id in self._attachments and handed.native is native:
+                        self._serve_uffd(handed)
             elif attachment is None or attachment.id not in self._attachments:
                 continue  # ended earlier in this batch
             elif kind == _UFFD:
@@ -783,7 +802,12 @@ class FaultEngine:
                 ranges=attachment.ranges,
                 recording=attachment.recorder is not None,
             )
-        self._native.watch(attachment.uffd.fileno(), native)
+        fd = attachment.uffd.fileno()
+        native.owner = attachment
+        # A replay's steps fill on the engine thread: its faults are served there too.
+        self._native.watch(fd, native, lendable=attachment.replay is None)
+        if native.lane:
+            self._epoll.unregister(fd)  # its lane waits on it instead
         attachment.native = attachment.stats.native = native
 
     def _leave_native(self, attachment: Attachment) -> None:
@@ -899,11 +923,14 @@ class FaultEngine:
 
     def _serve_uffd(self, attachment: Attachment) -> None:
         native = attachment.native
-        if native is None:
+        if native is None or self._native is None or attachment.uffd is None:
             self._serve_uffd_records(attachment)
             return
         # The C side read records it left to this thread (or none: read here). The windows
-        # go back and forth: this thread may move them, and a remap moves a range.
+        # go back and forth: this thread may move them, and a remap moves a range. A lent
+        # attachment is taken from its lane meanwhile.
+        fd = attachment.uffd.fileno()
+        self._native.take(fd, native)
         records, read_at = native.leftover()
         native.pull(attachment.ranges)
         self._take_recorded(attachment, native)  # before the records left over: in order
@@ -912,6 +939,7 @@ class FaultEngine:
         finally:
             if attachment.native is native:
                 native.push(attachment.ranges)
+                self._native.give(fd, native)
 
     def _serve_uffd_records(
         self, attachment: Attachment, records: bytes = b"", read_at: int = 0

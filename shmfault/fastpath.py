@@ -101,6 +101,7 @@ class AttachmentStruct(ctypes.Structure):
         ("record_length", ctypes.c_uint32),
         ("counters", Counters),
         ("leftover", ctypes.c_uint8 * (_EVENTS_PER_READ * _MSG_SIZE)),
+        ("in_lane", ctypes.c_int32),
     ]
 
 
@@ -181,7 +182,23 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             return None, f"{LIBRARY_PATH.name}: struct {struct.__name__} differs (run make setup)"
     region = ctypes.c_void_p
     engine = ctypes.POINTER(EngineStruct)
+    attachment = ctypes.POINTER(AttachmentStruct)
+    opaque = ctypes.c_void_p
     for name, argtypes, restype in (
+        ("sf_handbacks_new", [ctypes.c_int], opaque),
+        ("sf_handbacks_free", [opaque], None),
+        (
+            "sf_handbacks_take",
+            [opaque, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int],
+            ctypes.c_int,
+        ),
+        ("sf_lane_start", [engine, opaque, ctypes.c_int], opaque),
+        ("sf_lane_stop", [opaque], None),
+        ("sf_lane_engine", [opaque], engine),
+        ("sf_lane_watch", [opaque, ctypes.c_int, attachment], ctypes.c_int),
+        ("sf_lane_unwatch", [opaque, ctypes.c_int], None),
+        ("sf_lane_take", [opaque, ctypes.c_int], None),
+        ("sf_lane_give", [opaque, ctypes.c_int], ctypes.c_int),
         ("sf_region_init", [region], ctypes.c_int),
         ("sf_region_lock", [region], None),
         ("sf_region_unlock", [region], None),
@@ -279,6 +296,10 @@ class NativeAttachment:
             id(r): (ctypes.c_uint8 * len(r.pages)).from_buffer(r.pages) for r in ranges
         }
         self._region_lock = region_lock  # the C side points into it
+        #: the lane serving it: 0 the engine thread's wait, 1.. a lane thread (NativeEngine)
+        self.lane = 0
+        #: the engine's object for the attachment (a hand-back names this one)
+        self.owner: Any = None
         self._record = (ctypes.c_uint64 * RECORD_CAPACITY)() if recording else None
         struct = self.struct
         struct.uffd = uffd
@@ -349,7 +370,14 @@ class NativeAttachment:
 
 class NativeEngine:
     """The C side of one :class:`~shmfault.engine.FaultEngine`: waits on its epoll set and
-    serves the attachments registered with :meth:`watch`."""
+    serves the attachments registered with :meth:`watch`.
+
+    With ``lanes`` > 0 it also runs that many lane threads, each serving the attachments lent to
+    it (:meth:`lend`) on an epoll set of its own; what a lane cannot serve it hands back: the
+    engine's ``handback_fd`` (an eventfd in the engine's epoll set) becomes readable and
+    :meth:`take_handbacks` lists the attachments, which the engine thread then owns until it
+    gives them back (:meth:`give`).
+    """
 
     def __init__(
         self,
@@ -363,6 +391,7 @@ class NativeEngine:
         spin_ns: int,
         probe_divisor: int,
         parallel_bytes: int,
+        lanes: int = 0,
     ) -> None:
         if len(latency_bounds_ns) != LATENCY_BUCKETS - 1:
             raise ValueError("the latency histogram differs from the C side's")
@@ -380,17 +409,81 @@ class NativeEngine:
         self.struct.parallel_bytes = parallel_bytes
         self._probe_divisor = probe_divisor
         self._watched: dict[int, NativeAttachment] = {}
+        #: the eventfd a lane writes when it hands an attachment back
+        self.handback_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._handbacks = lib.sf_handbacks_new(self.handback_fd)
+        #: lane threads (each with an epoll fd and an eventfd), started now, so that the
+        #: service's threads and fds do not change with its attachments; index i is lane i + 1
+        self._lanes: list[int] = []
+        while self._handbacks and len(self._lanes) < lanes:
+            handle = lib.sf_lane_start(self._pointer, self._handbacks, probe_divisor)
+            if not handle:
+                logs.event(_log, logging.WARNING, "lane_not_started", started=len(self._lanes))
+                break
+            self._lanes.append(handle)
+        #: live attachments per lane, index 0 the engine thread's
+        self._load = [0] * (len(self._lanes) + 1)
+        #: the attachments lent to lanes by the address of their struct (hand-backs name them)
+        self.lent: dict[int, NativeAttachment] = {}
 
-    def watch(self, fd: int, attachment: NativeAttachment) -> None:
-        """Serve ``fd``'s readiness with ``attachment`` from now on."""
-        if self._lib.sf_watch(self._pointer, fd, ctypes.byref(attachment.struct)):
+    def watch(self, fd: int, attachment: NativeAttachment, *, lendable: bool = True) -> None:
+        """Serve ``fd``'s readiness with ``attachment`` from now on: on the lane with the
+        fewest attachments (the engine thread's own wait is lane 0; ``lendable`` False keeps it
+        there). The engine thread must not watch ``fd`` in its own epoll set for a lent one."""
+        lane = 0
+        if lendable:
+            lane = min(range(len(self._load)), key=self._load.__getitem__)
+        if lane:
+            if self._lib.sf_lane_watch(self._lanes[lane - 1], fd, ctypes.byref(attachment.struct)):
+                lane = 0
+            else:
+                self.lent[ctypes.addressof(attachment.struct)] = attachment
+        if not lane and self._lib.sf_watch(self._pointer, fd, ctypes.byref(attachment.struct)):
             raise MemoryError("the fast path's fd table cannot grow")
+        attachment.lane = lane
+        self._load[lane] += 1
         self._watched[fd] = attachment
 
     def unwatch(self, fd: int) -> None:
-        """Stop serving ``fd`` (before it is closed: the number may be reused)."""
-        if self._watched.pop(fd, None) is not None:
+        """Stop serving ``fd`` for good (before it is closed: the number may be reused). Once
+        this returns no lane serves it or will."""
+        attachment = self._watched.pop(fd, None)
+        if attachment is None:
+            return
+        self._load[attachment.lane] -= 1
+        if attachment.lane:
+            self._lib.sf_lane_unwatch(self._lanes[attachment.lane - 1], fd)
+            self.lent.pop(ctypes.addressof(attachment.struct), None)
+        else:
             self._lib.sf_watch(self._pointer, fd, None)
+
+    def take(self, fd: int, attachment: NativeAttachment) -> None:
+        """The engine thread serves a lent attachment for a while: once this returns its lane
+        does not serve it until :meth:`give`."""
+        if attachment.lane:
+            self._lib.sf_lane_take(self._lanes[attachment.lane - 1], fd)
+
+    def give(self, fd: int, attachment: NativeAttachment) -> None:
+        """Lend the attachment to its lane again."""
+        if attachment.lane and self._lib.sf_lane_give(self._lanes[attachment.lane - 1], fd):
+            raise OSError("a lane refused an attachment back (epoll_ctl)")
+
+    def take_handbacks(self) -> list[NativeAttachment]:
+        """The lent attachments a lane handed back since the last call, oldest first (the
+        engine thread owns them now); those unwatched meanwhile are left out."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.handback_fd)
+        taken: list[NativeAttachment] = []
+        room = 256
+        buffer = (ctypes.c_void_p * room)()
+        while True:
+            count = self._lib.sf_handbacks_take(self._handbacks, buffer, room)
+            for address in buffer[:count]:
+                attachment = self.lent.get(address or 0)
+                if attachment is not None:
+                    taken.append(attachment)
+            if count < room:
+                return taken
 
     def wait(self, timeout_ms: int) -> list[int]:
         """Wait (``timeout_ms``; -1: no limit; 0: a look) and serve; the fds left to Python."""
@@ -420,21 +513,38 @@ class NativeEngine:
         self._lib.sf_mark_active(self._pointer)
 
     def stats(self) -> dict[str, int]:
-        """Spin counters, faults served in C, readinesses handed to Python."""
-        struct = self.struct
+        """Spin counters, faults served in C, readinesses handed to Python: the engine
+        thread's and its lanes' summed (the spin window is the engine thread's)."""
+        structs = [self.struct, *(self._lib.sf_lane_engine(lane).contents for lane in self._lanes)]
+        totals = {
+            name: sum(int(getattr(struct, field)) for struct in structs)
+            for name, field in (
+                ("spin_probes", "spin_probes"),
+                ("spin_polls", "spin_polls"),
+                ("spin_hits", "spin_hits"),
+                ("spin_time_ns", "spin_time_ns"),
+                ("native_faults", "faults_served"),
+                ("native_handoffs", "batches_returned"),
+            )
+        }
         return {
-            "spin_probes": int(struct.spin_probes),
-            "spin_polls": int(struct.spin_polls),
-            "spin_hits": int(struct.spin_hits),
-            "spin_time_ns": int(struct.spin_time_ns),
-            "spin_window_ns": int(struct.spin_window_ns),
-            "native_faults": int(struct.faults_served),
-            "native_handoffs": int(struct.batches_returned),
-            "native_nowait_reads": int(struct.nowait_reads),
+            **totals,
+            "lane_faults": sum(int(struct.faults_served) for struct in structs[1:]),
+            "spin_window_ns": int(self.struct.spin_window_ns),
+            "native_nowait_reads": int(self.struct.nowait_reads),
+            "lanes": len(self._lanes),
         }
 
     def close(self) -> None:
-        """Free the C side's memory (the engine thread has stopped waiting)."""
+        """Stop the lanes and free the C side's memory (the engine thread has stopped
+        waiting)."""
         for fd in list(self._watched):
             self.unwatch(fd)
+        for lane in self._lanes:
+            self._lib.sf_lane_stop(lane)
+        self._lanes.clear()
         self._lib.sf_engine_free(self._pointer)
+        if self._handbacks:
+            self._lib.sf_handbacks_free(self._handbacks)
+            self._handbacks = None
+        os.close(self.handback_fd)

@@ -141,6 +141,8 @@ class ServerConfig:
     spin_us: int = 200
     # Serve the common fault in C when the library is built (shmfault/fastpath.py).
     fast_path: bool = True
+    # Threads serving faults on the fast path (0: one per CPU, at most 4).
+    fault_threads: int = 0
     handshake_timeout: float = 10.0
     reattach_grace: float = 60.0
     # Seconds an attach token stays valid unused.
@@ -180,6 +182,8 @@ class ServerConfig:
             raise ConfigError(
                 f"fault_around_max_pages must be 0-65536, not {config.fault_around_max_pages}"
             )
+        if not 0 <= config.fault_threads <= 64:
+            raise ConfigError(f"fault_threads must be 0-64, not {config.fault_threads}")
         if not 0 <= config.spin_us <= 1_000_000:
             raise ConfigError(f"spin_us must be 0-1000000, not {config.spin_us}")
         if config.token_ttl <= 0:
@@ -472,6 +476,7 @@ class Server:
             spin_us=config.spin_us,
             on_end=on_end,
             fast_path=config.fast_path,
+            threads=config.fault_threads or None,
         )
         self.engine.start()
         _event(

@@ -227,3 +227,63 @@ def test_a_recording_longer_than_the_c_sides_buffer_keeps_every_fault_in_order(
     if path == "c":
         # Each time the buffer was full, one fault went to Python with it.
         assert stats["native_faults"] >= pages - pages // fastpath.RECORD_CAPACITY, stats
+
+
+def test_a_lane_thread_serves_its_attachment_and_hands_back_what_it_cannot(
+    service_dir: Path, shm_prefix: str, tmp_path: Path
+) -> None:
+    """With two fault threads the second attachment is lent to the lane thread. Its events
+    and its faults on written pages go back to the engine thread and the lane serves it on
+    afterwards; bytes and counters are those of one thread."""
+    if fastpath.library() is None:
+        pytest.skip(f"the C fast path is not loaded: {fastpath.unavailable_reason()}")
+    running = Service(service_dir, shm_prefix, [*ONE_PAGE, "--fault-threads", "2"])
+    running.start()
+    try:
+        with running.client() as client:
+            first, first_data = make_region(client, tmp_path, "file", 64 * PAGE)
+            region, data = make_region(client, tmp_path, "file", 64 * PAGE)
+            written = bytes(range(256)) * (PAGE // 256)
+            client.write(region.id, 40 * PAGE, written)
+            expected = data[: 40 * PAGE] + written + data[41 * PAGE :]
+            with (
+                client.attach(first.id, mode="private-copy") as on_engine_thread,
+                client.attach(region.id, mode="private-copy") as on_lane,
+            ):
+                memory = Memory.of(on_lane)
+                assert memory.wrong_pages(expected, shuffled(range(64), 4)) == []
+                _libc.madvise(on_lane.address, 8 * PAGE, _libc.MADV_DONTNEED)  # EVENT_REMOVE
+                assert memory.wrong_pages(expected, shuffled(range(64), 5)) == []
+                assert Memory.of(on_engine_thread).wrong_pages(first_data, range(64)) == []
+                counters = entry_of(client, on_lane.attachment_id)["counters"]
+            assert counters["faults"] == 64 + 8, counters
+            assert counters["pages_filled"] == 64 + 8, counters
+            assert counters["events_remove"] == 1, counters
+    finally:
+        stats = stop(running)
+    assert stats["lanes"] == 1, stats
+    # Two pages read from the written region went to Python (twice page 40: before and
+    # after the REMOVE, if it was among the 8), the REMOVE too; the rest was served in C.
+    assert stats["native_handoffs"] >= 2, stats
+    assert stats["native_faults"] >= 64 + 64 + 8 - 3, stats
+    # The lane served the second attachment's (its only one), the engine thread the first's.
+    assert 64 + 8 - 3 <= stats["lane_faults"] <= 64 + 8, stats
+
+
+def test_one_fault_thread_starts_no_lane(
+    service_dir: Path, shm_prefix: str, tmp_path: Path
+) -> None:
+    if fastpath.library() is None:
+        pytest.skip(f"the C fast path is not loaded: {fastpath.unavailable_reason()}")
+    running = Service(service_dir, shm_prefix, [*ONE_PAGE, "--fault-threads", "1"])
+    running.start()
+    try:
+        with running.client() as client:
+            regions = [make_region(client, tmp_path, "zero", 16 * PAGE) for _ in range(2)]
+            for region, data in regions:
+                with client.attach(region.id) as attached:
+                    assert Memory.of(attached).wrong_pages(data, range(16)) == []
+    finally:
+        stats = stop(running)
+    assert stats["lanes"] == 0, stats
+    assert stats["native_faults"] == 32, stats
