@@ -28,6 +28,7 @@
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -868,6 +869,8 @@ static int poll_once(struct sf_engine *engine, int timeout_ms, int probe_divisor
 	int count = epoll_wait(engine->epfd, events, EPOLL_BATCH, *spinning ? 0 : timeout_ms);
 	if (count < 0)
 		return -errno;
+	if (*spinning && !count)
+		sched_yield(); /* a client on this CPU runs first: the one it may be waiting for */
 	if (*spinning) {
 		engine->spin_polls++;
 		if (count) {
