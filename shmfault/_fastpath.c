@@ -431,14 +431,15 @@ struct fill_piece {
 	uint64_t source_offset; /* in the source file */
 	uint64_t region_offset;
 	uint64_t length;
+	uint64_t page_size;
 	uint8_t *buffer;
-	int ok;
+	uint64_t done; /* whole pages written, even when the rest failed */
 };
 
 static void fill_job(void *opaque)
 {
 	struct fill_piece *piece = opaque;
-	piece->ok = 0;
+	piece->done = 0;
 	/* Read the whole piece before writing any of it: a short read (the source shrank) must
 	 * leave its pages holes, for Python to report. Pieces are whole pages: a piece written
 	 * never leaves a page half filled. */
@@ -460,11 +461,11 @@ static void fill_job(void *opaque)
 		if (n <= 0) {
 			if (n < 0 && errno == EINTR)
 				continue;
-			return;
+			break;
 		}
 		written += (uint64_t)n;
 	}
-	piece->ok = 1;
+	piece->done = written - written % piece->page_size;
 }
 
 /* Fill one hole [offset, offset + length) from the file source: 0, or -1 (some of it not). */
@@ -484,7 +485,7 @@ static int fill_from_source(struct sf_engine *engine, struct sf_attachment *atta
 	uint64_t half = length / 2 - (length / 2) % page;
 	struct fill_piece pieces[2] = {
 		{attachment->source_fd, attachment->region_fd, attachment->source_offset + offset,
-		 offset, length, engine->buffer, 0},
+		 offset, length, page, engine->buffer, 0},
 	};
 	int count = 1;
 	if (engine->parallel_bytes && length >= engine->parallel_bytes && half) {
@@ -492,7 +493,7 @@ static int fill_from_source(struct sf_engine *engine, struct sf_attachment *atta
 		pieces[1] = (struct fill_piece){
 			attachment->source_fd, attachment->region_fd,
 			attachment->source_offset + offset + half, offset + half, length - half,
-			engine->buffer + half, 0};
+			page, engine->buffer + half, 0};
 		run_both(engine, fill_job, &pieces[0], &pieces[1]);
 		count = 2;
 	} else {
@@ -500,9 +501,8 @@ static int fill_from_source(struct sf_engine *engine, struct sf_attachment *atta
 	}
 	int status = 0;
 	for (int i = 0; i < count; i++) {
-		if (pieces[i].ok)
-			*filled += pieces[i].length;
-		else
+		*filled += pieces[i].done;
+		if (pieces[i].done < pieces[i].length)
 			status = -1;
 	}
 	return status;
@@ -795,7 +795,7 @@ static int serve(struct sf_engine *engine, struct sf_attachment *attachment)
 	struct iovec vector = {messages, sizeof(messages)};
 	ssize_t count = preadv2(attachment->uffd, &vector, 1, -1, RWF_NOWAIT);
 	if (count < 0) {
-		if (errno == EOPNOTSUPP || errno == EINVAL || errno == ESPIPE)
+		if (errno == EOPNOTSUPP || errno == EINVAL || errno == ESPIPE || errno == ENOSYS)
 			engine->nowait_reads = 0; /* no read_iter: Python's guarded read */
 		return TO_PYTHON;
 	}
@@ -852,9 +852,6 @@ static int64_t spin_window(int64_t gap, int64_t spin_ns, int64_t divisor)
 	return gap <= spin_ns ? spin_ns : spin_ns / divisor;
 }
 
-/* Wait for readiness on the engine's epoll set (at most timeout_ms; -1: no limit, 0: a look)
- * and serve what can be served here. Returns how many fds are in engine->ready for Python
- * (0: the timeout passed or a signal came), or -errno. */
 /* One look at the engine's epoll set, spinning bookkeeping included: waits at most
  * timeout_ms unless spinning. Returns the events' count, or -errno. */
 static int poll_once(struct sf_engine *engine, int timeout_ms, int probe_divisor,
@@ -912,8 +909,9 @@ int sf_wait(struct sf_engine *engine, int timeout_ms, int probe_divisor)
 			sf_mark_active(engine);
 		if (engine->ready_count)
 			engine->batches_returned++;
-		if (engine->ready_count || (!spinning && count == 0) ||
-		    (!spinning && timeout_ms == 0))
+		/* timeout 0 is a look even while spinning: Python has work pending (a replay step)
+		 * that the spin window must not hold up. */
+		if (engine->ready_count || timeout_ms == 0 || (!spinning && count == 0))
 			return engine->ready_count;
 	}
 }

@@ -69,6 +69,8 @@ from shmfault.recording import Recorder
 from shmfault.uffd import Uffd
 
 _BASE_PAGE = os.sysconf("SC_PAGESIZE")
+#: guards AttachmentStats.native against a fold while another thread merges
+_FOLD_LOCK = threading.Lock()
 
 _log = logging.getLogger("shmfault.engine")
 
@@ -167,22 +169,30 @@ class AttachmentStats:
     def merged(self) -> AttachmentStats:
         """These counters with the C fast path's added: the attachment's whole count. The C
         side's are folded in for good (:meth:`fold_native`) when it stops serving it."""
-        if self.native is None:
+        # A stats call on a gRPC thread may meet the engine thread folding: under the lock
+        # it sees the counters either before the fold or after it, never both or neither.
+        with _FOLD_LOCK:
+            return self._merged()
+
+    def _merged(self) -> AttachmentStats:
+        native = self.native
+        if native is None:
             return self
         total = dataclasses.replace(self, native=None, latency_ns=list(self.latency_ns))
-        for name, value in self.native.counters().items():
+        for name, value in native.counters().items():
             setattr(total, name, getattr(total, name) + value)
-        for index, count in enumerate(self.native.latency()):
+        for index, count in enumerate(native.latency()):
             total.latency_ns[index] += count
         return total
 
     def fold_native(self) -> None:
         """Add the C fast path's counters to these, for good (it no longer serves them)."""
-        if self.native is not None:
-            total = self.merged()
-            for name in self.__slots__:
-                setattr(self, name, getattr(total, name))
-            self.native = None
+        with _FOLD_LOCK:
+            if self.native is not None:
+                total = self._merged()
+                for name in self.__slots__:
+                    setattr(self, name, getattr(total, name))
+                self.native = None
 
     def to_dict(self) -> dict[str, Any]:
         total = self.merged()
@@ -804,8 +814,12 @@ class FaultEngine:
             )
         fd = attachment.uffd.fileno()
         native.owner = attachment
-        # A replay's steps fill on the engine thread: its faults are served there too.
-        self._native.watch(fd, native, lendable=attachment.replay is None)
+        try:
+            # A replay's steps fill on the engine thread: its faults are served there too.
+            self._native.watch(fd, native, lendable=attachment.replay is None)
+        except MemoryError:
+            logs.event(_log, logging.WARNING, "fast_path_full", attachment=attachment.id)
+            return  # Python serves this one
         if native.lane:
             self._epoll.unregister(fd)  # its lane waits on it instead
         attachment.native = attachment.stats.native = native

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import select
 import shutil
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from shmfault import fastpath
+from shmfault.engine import LATENCY_BOUNDS_NS
+
+PAGE = os.sysconf("SC_PAGESIZE")
 
 
 def built() -> None:
@@ -87,3 +93,92 @@ def test_the_region_lock_is_recursive_and_excludes_other_threads() -> None:
     other.join(5)
     assert not other.is_alive()
     assert order == ["holder", "other"]
+
+
+def _engine(lib: object, epoll: select.epoll, spin_ns: int) -> fastpath.NativeEngine:
+    return fastpath.NativeEngine(
+        lib,  # type: ignore[arg-type]
+        epoll_fd=epoll.fileno(),
+        fault_around_pages=16,
+        fault_around_max_pages=1024,
+        base_page=PAGE,
+        latency_bounds_ns=LATENCY_BOUNDS_NS,
+        spin_ns=spin_ns,
+        probe_divisor=16,
+        parallel_bytes=0,
+    )
+
+
+def test_a_look_returns_after_one_poll_even_inside_the_spin_window() -> None:
+    # The engine asks for a look (timeout 0) while a replay step is pending: spinning the
+    # window there would hold the replay up for all of it.
+    built()
+    lib = fastpath.library()
+    with select.epoll() as epoll:
+        engine = _engine(lib, epoll, spin_ns=60 * 1_000_000_000)
+        try:
+            engine.mark_active()
+            assert engine.wait(0) == []
+            assert engine.stats()["spin_polls"] == 1
+        finally:
+            engine.close()
+
+
+def test_the_spin_window_polls_until_something_is_ready() -> None:
+    built()
+    lib = fastpath.library()
+    with select.epoll() as epoll:
+        ready = os.eventfd(0, os.EFD_NONBLOCK)
+        epoll.register(ready, select.EPOLLIN)
+        engine = _engine(lib, epoll, spin_ns=60 * 1_000_000_000)
+        try:
+            engine.mark_active()
+            writer = threading.Timer(0.05, os.eventfd_write, (ready, 1))
+            writer.start()
+            # An fd the C side does not serve is Python's: returned once it is ready.
+            assert engine.wait(-1) == [ready]
+            writer.join()
+            assert engine.stats()["spin_polls"] > 1
+        finally:
+            engine.close()
+            os.close(ready)
+
+
+def test_a_remap_that_reorders_the_ranges_keeps_each_ranges_own_pages() -> None:
+    # The engine keeps its ranges sorted by address; a remap moves one past another. The C
+    # side must then see each range with its own page states, not its old neighbour's.
+    built()
+    lib = fastpath.library()
+    assert lib is not None
+
+    def mapped_range(base: int, pages: int, region_offset: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            base=base,
+            length=pages * PAGE,
+            region_offset=region_offset,
+            pages=bytearray(pages),
+            sequential_next=-1,
+            window_pages=16,
+        )
+
+    low, high = mapped_range(0x10000000, 4, 0), mapped_range(0x20000000, 8, 4 * PAGE)
+    native = fastpath.NativeAttachment(
+        uffd=-1,
+        mode=1,
+        region_fd=-1,
+        zero=True,
+        source=None,
+        page_size=PAGE,
+        region_lock=fastpath.RegionLock(lib),
+        ranges=[low, high],
+    )
+    low.base = 0x30000000  # remapped above the other
+    ranges = sorted([low, high], key=lambda r: r.base)
+    native.push(ranges)
+    for index, expected in enumerate(ranges):
+        seen = native.struct.ranges[index]
+        assert seen.base == expected.base
+        assert seen.length == expected.length
+        assert seen.region_offset == expected.region_offset
+        pages = (ctypes.c_uint8 * len(expected.pages)).from_buffer(expected.pages)
+        assert seen.pages == ctypes.addressof(pages)
