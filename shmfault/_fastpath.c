@@ -30,6 +30,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <signal.h>
@@ -40,7 +41,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SF_ABI_VERSION 1
+#define SF_ABI_VERSION 2
 
 /* page states, as engine.py numbers them */
 enum { ABSENT = 0, MAPPED = 1 };
@@ -100,6 +101,13 @@ struct sf_attachment {
 	struct sf_counters counters;
 	uint8_t leftover[EVENTS_PER_READ * sizeof(struct uffd_msg)];
 	int32_t in_lane; /* a lane's epoll set holds it: the lane may serve it (struct lane) */
+	/* placement (struct lane): the client, the thread that faulted last (0: unknown, the
+	 * client did not enable UFFD_FEATURE_THREAD_ID), when its CPU was last looked at, and
+	 * the lane it asks to move to when handed back for that (0: not moving) */
+	int32_t pid;
+	uint32_t last_tid;
+	int64_t placed_ns;
+	int32_t wanted_lane;
 };
 
 struct sf_engine {
@@ -821,6 +829,7 @@ static int serve(struct sf_engine *engine, struct sf_attachment *attachment)
 			if (attachment->record_capacity)
 				attachment->record[attachment->record_length++] =
 					page_index << 1 | !!(flags & UFFD_PAGEFAULT_FLAG_WRITE);
+			attachment->last_tid = message->arg.pagefault.feat.ptid;
 			if (message->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR)
 				attachment->counters.faults_minor++;
 			else
@@ -931,6 +940,10 @@ struct handbacks {
 	uint32_t count;
 	uint32_t capacity;
 	struct sf_attachment **items;
+	/* the lanes, numbered from 1 in the order started; a pinned lane's number by its CPU (0:
+	 * no lane there). Written before the lanes serve anything, read-only afterwards. */
+	int lanes;
+	int16_t lane_of_cpu[CPU_SETSIZE];
 };
 
 struct lane {
@@ -941,7 +954,74 @@ struct lane {
 	volatile int stop;
 	int probe_divisor;
 	struct handbacks *handbacks;
+	int number; /* 1.. (struct handbacks) */
+	int cpu;    /* the CPU it is pinned to, or -1 */
+	int64_t next_placement_ns; /* the next look at a client's CPU may be made from then */
 };
+
+/* Placement. A lane is pinned to a CPU and serves best the clients that run on that CPU: a
+ * client blocked in a fault leaves the CPU to the lane, which resolves the fault and yields it
+ * back, with no wake-up of another CPU on either side. Two clients served across CPUs took
+ * twice as long per fault (docs/benchmarks.md, "Cores"). So a lane looks, now and then, at the
+ * CPU the kernel last ran the faulting thread on, and hands an attachment whose client moved
+ * to another lane's CPU back to the engine thread, which lends it to that lane. Two clients
+ * the scheduler put on one CPU share its lane until it spreads them: serving one of them from
+ * an idle CPU instead was tried, and the scheduler then left both clients where they were
+ * for the whole run (docs/benchmarks.md, "Cores"). The look is a read of /proc (about 10 us):
+ * at most one per attachment per PLACEMENT_INTERVAL_NS and one per lane per PLACEMENT_GAP_NS,
+ * so it costs a busy lane at most 1% of its time. */
+#define PLACEMENT_INTERVAL_NS 10000000LL
+#define PLACEMENT_GAP_NS 1000000LL
+
+/* The CPU thread `tid` of process `pid` last ran on (tid 0: the process's main thread), from
+ * field 39 of its stat file; -1 when it cannot be read (the process is gone). */
+int sf_task_cpu(int pid, unsigned int tid)
+{
+	char path[64];
+	if (tid)
+		snprintf(path, sizeof(path), "/proc/%d/task/%u/stat", pid, tid);
+	else
+		snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	char text[1024];
+	ssize_t length = read(fd, text, sizeof(text) - 1);
+	close(fd);
+	if (length <= 0)
+		return -1;
+	text[length] = 0;
+	/* The command name (field 2) may hold spaces and parentheses: fields resume after the
+	 * last ')'. Field 3 follows it; the CPU is 36 fields further on. */
+	char *field = strrchr(text, ')');
+	for (int index = 2; field && index < 39; index++)
+		field = strchr(field + 1, ' ');
+	if (!field)
+		return -1;
+	char *end;
+	long cpu = strtol(field + 1, &end, 10);
+	return end == field + 1 || cpu < 0 || cpu >= CPU_SETSIZE ? -1 : (int)cpu;
+}
+
+/* The lane the attachment's client would be served best by, when that is another lane and it
+ * is time to look; else 0. */
+static int better_lane(struct lane *lane, struct sf_attachment *attachment)
+{
+	if (lane->cpu < 0 || attachment->pid <= 0)
+		return 0;
+	int64_t now = now_ns();
+	if (now < lane->next_placement_ns || now < attachment->placed_ns + PLACEMENT_INTERVAL_NS)
+		return 0;
+	lane->next_placement_ns = now + PLACEMENT_GAP_NS;
+	attachment->placed_ns = now;
+	int cpu = sf_task_cpu(attachment->pid, attachment->last_tid);
+	if (cpu < 0 && attachment->last_tid) /* that thread ended: its process, then */
+		cpu = sf_task_cpu(attachment->pid, 0);
+	if (cpu < 0 || cpu == lane->cpu)
+		return 0;
+	int home = lane->handbacks->lane_of_cpu[cpu];
+	return home == lane->number ? 0 : home;
+}
 
 void *sf_handbacks_new(int eventfd)
 {
@@ -999,6 +1079,24 @@ static int hand_back(struct handbacks *handbacks, struct sf_attachment *attachme
 	return 0;
 }
 
+/* Stop serving the attachment and hand it to the engine thread: to serve what is left over
+ * (wanted 0), or to lend it to lane `wanted`. Under the lane's lock. */
+static void lane_hand_back(struct lane *lane, int fd, struct sf_attachment *attachment,
+			   int wanted)
+{
+	epoll_ctl(lane->engine.epfd, EPOLL_CTL_DEL, fd, NULL);
+	attachment->in_lane = 0;
+	attachment->wanted_lane = wanted;
+	if (hand_back(lane->handbacks, attachment)) {
+		/* no memory for the queue: keep serving it here rather than lose it (its records
+		 * stay in the leftover buffer) */
+		struct epoll_event event = {.events = EPOLLIN, .data.fd = fd};
+		epoll_ctl(lane->engine.epfd, EPOLL_CTL_ADD, fd, &event);
+		attachment->in_lane = 1;
+		attachment->wanted_lane = 0;
+	}
+}
+
 static void *lane_main(void *opaque)
 {
 	struct lane *lane = opaque;
@@ -1019,18 +1117,14 @@ static void *lane_main(void *opaque)
 			pthread_mutex_lock(&lane->lock);
 			struct sf_attachment *attachment =
 				fd < engine->table_size ? engine->table[fd] : NULL;
-			if (attachment && attachment->in_lane &&
-			    serve(engine, attachment) != SERVED) {
-				epoll_ctl(engine->epfd, EPOLL_CTL_DEL, fd, NULL);
-				attachment->in_lane = 0;
-				engine->batches_returned++;
-				if (hand_back(lane->handbacks, attachment)) {
-					/* no memory for the queue: keep serving it here rather than
-					 * lose it (its records stay in the leftover buffer) */
-					struct epoll_event event = {.events = EPOLLIN,
-								    .data.fd = fd};
-					epoll_ctl(engine->epfd, EPOLL_CTL_ADD, fd, &event);
-					attachment->in_lane = 1;
+			if (attachment && attachment->in_lane) {
+				if (serve(engine, attachment) != SERVED) {
+					engine->batches_returned++;
+					lane_hand_back(lane, fd, attachment, 0);
+				} else {
+					int wanted = better_lane(lane, attachment);
+					if (wanted)
+						lane_hand_back(lane, fd, attachment, wanted);
 				}
 			}
 			pthread_mutex_unlock(&lane->lock);
@@ -1042,8 +1136,9 @@ static void *lane_main(void *opaque)
 }
 
 /* A lane configured like `model` (fault-around, spin, latency bounds, parallel copies),
- * handing back through `handbacks`; started. NULL when it cannot be. */
-void *sf_lane_start(const struct sf_engine *model, void *handbacks, int probe_divisor)
+ * handing back through `handbacks`, pinned to `cpu` (-1: not pinned); started. NULL when it
+ * cannot be. Started one after the other, before any is lent an attachment. */
+void *sf_lane_start(const struct sf_engine *model, void *handbacks, int probe_divisor, int cpu)
 {
 	struct lane *lane = calloc(1, sizeof(*lane));
 	if (!lane)
@@ -1064,12 +1159,32 @@ void *sf_lane_start(const struct sf_engine *model, void *handbacks, int probe_di
 	lane->wake_fd = wake_fd;
 	lane->probe_divisor = probe_divisor;
 	lane->handbacks = handbacks;
+	lane->cpu = cpu >= 0 && cpu < CPU_SETSIZE ? cpu : -1;
+	struct handbacks *shared = handbacks;
+	lane->number = shared->lanes + 1;
 	pthread_mutex_init(&lane->lock, NULL);
 	struct epoll_event event = {.events = EPOLLIN, .data.fd = wake_fd};
 	if (epoll_ctl(epfd, EPOLL_CTL_ADD, wake_fd, &event))
 		goto fail_lock;
-	if (pthread_create(&lane->thread, NULL, lane_main, lane))
+	pthread_attr_t attributes;
+	pthread_attr_init(&attributes);
+	if (lane->cpu >= 0) {
+		cpu_set_t set;
+		CPU_ZERO(&set);
+		CPU_SET(lane->cpu, &set);
+		pthread_attr_setaffinity_np(&attributes, sizeof(set), &set);
+	}
+	int failed = pthread_create(&lane->thread, &attributes, lane_main, lane);
+	if (failed && lane->cpu >= 0) { /* not allowed there (any more): unpinned */
+		lane->cpu = -1;
+		failed = pthread_create(&lane->thread, NULL, lane_main, lane);
+	}
+	pthread_attr_destroy(&attributes);
+	if (failed)
 		goto fail_lock;
+	shared->lanes = lane->number;
+	if (lane->cpu >= 0 && !shared->lane_of_cpu[lane->cpu])
+		shared->lane_of_cpu[lane->cpu] = (int16_t)lane->number;
 	return lane;
 fail_lock:
 	pthread_mutex_destroy(&lane->lock);
@@ -1100,6 +1215,9 @@ void sf_lane_stop(void *opaque)
 
 /* The lane's engine, for its counters (read without the lock). */
 struct sf_engine *sf_lane_engine(void *opaque) { return &((struct lane *)opaque)->engine; }
+
+/* The CPU the lane is pinned to, or -1. */
+int sf_lane_cpu(void *opaque) { return ((struct lane *)opaque)->cpu; }
 
 /* Lend the attachment (its userfaultfd `fd`) to the lane. 0, or an errno. */
 int sf_lane_watch(void *opaque, int fd, struct sf_attachment *attachment)

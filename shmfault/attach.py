@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import enum
+import functools
 import mmap
 import os
 import select
@@ -21,9 +22,10 @@ from types import TracebackType
 from typing import Self
 
 from shmfault import _libc, _unix, protocol
+from shmfault._abi import Feature
 from shmfault.errors import ShmfaultError, UffdUnavailableError
 from shmfault.modes import Mode, UffdAccess
-from shmfault.uffd import Uffd, open_userfaultfd
+from shmfault.uffd import Uffd, available_features, open_userfaultfd
 
 DEFAULT_TIMEOUT = 30.0
 #: Waits between tries to re-attach to a restarted service: doubling from the first to the last.
@@ -342,6 +344,18 @@ def identify(
     return IdentityLink(connection, event.uid, event.credential)
 
 
+@functools.cache
+def _thread_id_feature() -> Feature:
+    """UFFD_FEATURE_THREAD_ID when the kernel offers it (4.14 and later). Optional: each fault
+    then names its thread, and the service serves it from the CPU that thread runs on, not
+    the main thread's (protocol.md, WELCOME)."""
+    try:
+        offered, _ioctls = available_features()
+    except (ShmfaultError, OSError):
+        return Feature(0)
+    return offered & Feature.THREAD_ID
+
+
 def _aligned_anonymous(length: int, alignment: int, protection: int) -> int:
     """Private anonymous memory of ``length`` bytes at a multiple of ``alignment`` (a hugetlb
     region's huge page: the service serves whole huge pages). Only some kernels align large
@@ -423,7 +437,10 @@ def attach(
         if chosen is not Mode.EAGER:
             assert raw_fd is not None
             uffd = Uffd.handshake(
-                raw_fd, welcome.features, path=uffd_path, user_mode_only=user_mode_only
+                raw_fd,
+                welcome.features | _thread_id_feature(),
+                path=uffd_path,
+                user_mode_only=user_mode_only,
             )
             raw_fd = None
             uffd.register(address, length, welcome.register_mode)

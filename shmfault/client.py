@@ -510,6 +510,9 @@ def _stats_from_proto(entry: pb.AttachmentStats) -> dict[str, Any]:
         "recording_id": entry.recording_id,
         "replay_pages": entry.replay_pages,
         "replay_pending": entry.replay_pending,
+        "fault_thread_cpu": (
+            entry.fault_thread_cpu if entry.HasField("fault_thread_cpu") else None
+        ),
         "counters": dict(entry.counters),
         "latency": [{"le_ns": b.le_ns or None, "count": b.count} for b in entry.latency],
     }

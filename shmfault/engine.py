@@ -92,7 +92,7 @@ MAX_RETRIES = 16
 #: Times in a row one page may fault again after an EEXIST wake before the attachment is ended.
 MAX_REFAULTS = 10_000
 #: A read of a client's userfaultfd that has not returned after this many seconds was made to
-#: Most threads that serve faults in C (FaultEngine ``threads``' default: one per CPU).
+#: Most lane threads that serve faults in C (FaultEngine ``threads``' default: one per CPU).
 MAX_FAULT_THREADS = 4
 #: block by the client (it shares the file: it cleared O_NONBLOCK and read its own events).
 READ_STALL = 0.25
@@ -359,6 +359,7 @@ class Attachment:
         """Plain data for GetStats. ``base``/``length``/``region_offset`` are the first
         range's (the only one of a shmfault attach); ``ranges`` lists them all."""
         first = self.ranges[0]
+        native = self.native
         return {
             "attachment_id": self.id,
             "region_id": self.region_id,
@@ -378,6 +379,9 @@ class Attachment:
             "recording_id": self.recording_id,
             "replay_pages": 0 if self.replay is None else len(self.replay),
             "replay_pending": self.replay_pending,
+            # where the C fast path serves it: its thread's CPU, or None (the engine thread,
+            # Python, an unpinned lane, ended)
+            "fault_thread_cpu": None if native is None or native.cpu < 0 else native.cpu,
             "stats": self.stats.to_dict(),
         }
 
@@ -399,6 +403,13 @@ class _Gone(Exception):
 
 class _Stalled(Exception):
     """The client made the engine's read of its userfaultfd block: end the attachment."""
+
+
+def _lane_count(threads: int | None, cpus: Sequence[int]) -> int:
+    """Lane threads for ``threads`` fault threads (None: the default) on ``cpus``."""
+    if threads is None:
+        threads = min(len(cpus), MAX_FAULT_THREADS)
+    return 0 if threads <= 1 else threads
 
 
 def spin_window(gap_ns: int, spin_ns: int) -> int:
@@ -436,9 +447,11 @@ class FaultEngine:
 
     ``fast_path``: wait and serve the common page fault in C (:mod:`shmfault.fastpath`) when
     the library is built; everything else, and every fault without it, is served here.
-    ``threads``: with the fast path, how many threads serve faults in C: this one and
-    ``threads - 1`` lane threads, the attachments spread over them (default: one per CPU, at
-    most :data:`MAX_FAULT_THREADS`).
+    ``threads``: with the fast path, how many threads serve faults in C. 1: this one alone.
+    More: that many lane threads, each pinned to one of the CPUs the service may run on, and
+    each attachment lent to the lane on its client's CPU (followed when the client moves:
+    fastpath.NativeEngine); this thread then serves only the replaying ones. Default: one per
+    CPU, at most :data:`MAX_FAULT_THREADS`, so one lane per CPU (none with one CPU).
     """
 
     def __init__(
@@ -504,6 +517,7 @@ class FaultEngine:
             target=self._guard_reads, name="shmfault-engine-guard", daemon=True
         )
         lib = fastpath.library() if fast_path else None
+        cpus = sorted(os.sched_getaffinity(0))
         #: the C side: waits on the epoll set and serves the common fault (None: Python only)
         self._native = (
             None
@@ -518,8 +532,8 @@ class FaultEngine:
                 spin_ns=self.spin_ns,
                 probe_divisor=SPIN_PROBE_DIVISOR,
                 parallel_bytes=PARALLEL_COPY_BYTES if self._copier is not None else 0,
-                lanes=(min(os.cpu_count() or 1, MAX_FAULT_THREADS) if threads is None else threads)
-                - 1,
+                lanes=_lane_count(threads, cpus),
+                cpus=cpus,
             )
         )
         if self._native is not None:
@@ -592,7 +606,7 @@ class FaultEngine:
             chosen = [*self._attachments.values(), *self._finished]
         return [a.describe() for a in chosen if region_id is None or a.region_id == region_id]
 
-    def engine_stats(self) -> dict[str, int]:
+    def engine_stats(self) -> dict[str, Any]:
         """Engine-wide counters: the spin policy's polls, hits and time. Thread-safe (read
         without a lock: a batch behind at most)."""
         if self._native is not None:
@@ -673,11 +687,7 @@ class FaultEngine:
                 if not self._control_events():
                     return False
             elif kind == _HANDBACK:
-                assert self._native is not None
-                for native in self._native.take_handbacks():
-                    handed: Attachment = native.owner
-                    if handed.id in self._attachments and handed.native is native:
-                        self._serve_uffd(handed)
+                self._handbacks()
             elif attachment is None or attachment.id not in self._attachments:
                 continue  # ended earlier in this batch
             elif kind == _UFFD:
@@ -687,6 +697,22 @@ class FaultEngine:
             elif kind == _PIDFD:
                 self._finish(attachment, "the client process exited")
         return True
+
+    def _handbacks(self) -> None:
+        """Serve what the lanes handed back, or move it to the lane its client is on."""
+        assert self._native is not None
+        for native in self._native.take_handbacks():
+            handed: Attachment = native.owner
+            if handed.id not in self._attachments or handed.native is not native:
+                continue
+            if not native.struct.wanted_lane:
+                self._serve_uffd(handed)
+                continue
+            assert handed.uffd is not None
+            try:
+                self._native.move(handed.uffd.fileno(), native)
+            except OSError as exc:
+                self._failed(handed, exc)
 
     def _run_python(self) -> None:
         """The loop without the C side: the same waiting and spinning, in Python."""
@@ -811,6 +837,7 @@ class FaultEngine:
                 region_lock=lock,
                 ranges=attachment.ranges,
                 recording=attachment.recorder is not None,
+                pid=attachment.pid or 0,
             )
         fd = attachment.uffd.fileno()
         native.owner = attachment
@@ -953,7 +980,10 @@ class FaultEngine:
         finally:
             if attachment.native is native:
                 native.push(attachment.ranges)
-                self._native.give(fd, native)
+                try:
+                    self._native.give(fd, native)
+                except OSError as exc:
+                    self._failed(attachment, exc)
 
     def _serve_uffd_records(
         self, attachment: Attachment, records: bytes = b"", read_at: int = 0

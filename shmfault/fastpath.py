@@ -24,6 +24,7 @@ import functools
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -37,7 +38,7 @@ LIBRARY_PATH = Path(__file__).with_name("_fastpath.so")
 SOURCE_PATH = Path(__file__).with_name("_fastpath.c")
 #: the environment variable that turns the fast path off ("0")
 ENVIRONMENT = "SHMFAULT_FAST_PATH"
-ABI_VERSION = 1
+ABI_VERSION = 2
 #: records one read takes (engine.EVENTS_PER_READ) and the size of one
 _EVENTS_PER_READ = 64
 _MSG_SIZE = 32
@@ -102,6 +103,10 @@ class AttachmentStruct(ctypes.Structure):
         ("counters", Counters),
         ("leftover", ctypes.c_uint8 * (_EVENTS_PER_READ * _MSG_SIZE)),
         ("in_lane", ctypes.c_int32),
+        ("pid", ctypes.c_int32),
+        ("last_tid", ctypes.c_uint32),
+        ("placed_ns", ctypes.c_int64),
+        ("wanted_lane", ctypes.c_int32),
     ]
 
 
@@ -192,7 +197,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             [opaque, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int],
             ctypes.c_int,
         ),
-        ("sf_lane_start", [engine, opaque, ctypes.c_int], opaque),
+        ("sf_lane_start", [engine, opaque, ctypes.c_int, ctypes.c_int], opaque),
+        ("sf_lane_cpu", [opaque], ctypes.c_int),
+        ("sf_task_cpu", [ctypes.c_int, ctypes.c_uint], ctypes.c_int),
         ("sf_lane_stop", [opaque], None),
         ("sf_lane_engine", [opaque], engine),
         ("sf_lane_watch", [opaque, ctypes.c_int, attachment], ctypes.c_int),
@@ -288,6 +295,7 @@ class NativeAttachment:
         region_lock: RegionLock,
         ranges: list[Any],
         recording: bool = False,
+        pid: int = 0,
     ) -> None:
         self.struct = AttachmentStruct()
         self._ranges = (Range * len(ranges))()
@@ -300,6 +308,8 @@ class NativeAttachment:
         self.lane = 0
         #: the engine's object for the attachment (a hand-back names this one)
         self.owner: Any = None
+        #: the CPU its lane is pinned to (-1: the engine thread, or an unpinned lane)
+        self.cpu = -1
         self._record = (ctypes.c_uint64 * RECORD_CAPACITY)() if recording else None
         struct = self.struct
         struct.uffd = uffd
@@ -312,6 +322,7 @@ class NativeAttachment:
             struct.source_base = source.address
             struct.source_mapped = source.mapped
         struct.page_size = page_size
+        struct.pid = pid  # placement looks at the CPU its threads run on (NativeEngine)
         struct.region = region_lock.address
         struct.range_count = len(ranges)
         struct.ranges = ctypes.cast(self._ranges, ctypes.POINTER(Range))
@@ -372,11 +383,13 @@ class NativeEngine:
     """The C side of one :class:`~shmfault.engine.FaultEngine`: waits on its epoll set and
     serves the attachments registered with :meth:`watch`.
 
-    With ``lanes`` > 0 it also runs that many lane threads, each serving the attachments lent to
-    it (:meth:`lend`) on an epoll set of its own; what a lane cannot serve it hands back: the
-    engine's ``handback_fd`` (an eventfd in the engine's epoll set) becomes readable and
-    :meth:`take_handbacks` lists the attachments, which the engine thread then owns until it
-    gives them back (:meth:`give`).
+    With ``lanes`` > 0 it also runs that many lane threads, lane i pinned to ``cpus[i]`` (none
+    past the list's end), each serving the attachments lent to it on an epoll set of its own;
+    then every lendable attachment is lent to one, preferably the one on its client's CPU. What
+    a lane cannot serve it hands back: the engine's ``handback_fd`` (an eventfd in the engine's
+    epoll set) becomes readable and :meth:`take_handbacks` lists the attachments, which the
+    engine thread then owns until it gives them back (:meth:`give`). A lane also hands back an
+    attachment whose client now runs on another lane's CPU (``wanted_lane``): :meth:`move`.
     """
 
     def __init__(
@@ -392,6 +405,7 @@ class NativeEngine:
         probe_divisor: int,
         parallel_bytes: int,
         lanes: int = 0,
+        cpus: Sequence[int] = (),
     ) -> None:
         if len(latency_bounds_ns) != LATENCY_BUCKETS - 1:
             raise ValueError("the latency histogram differs from the C side's")
@@ -416,23 +430,28 @@ class NativeEngine:
         #: service's threads and fds do not change with its attachments; index i is lane i + 1
         self._lanes: list[int] = []
         while self._handbacks and len(self._lanes) < lanes:
-            handle = lib.sf_lane_start(self._pointer, self._handbacks, probe_divisor)
+            index = len(self._lanes)
+            cpu = cpus[index] if index < len(cpus) else -1
+            handle = lib.sf_lane_start(self._pointer, self._handbacks, probe_divisor, cpu)
             if not handle:
                 logs.event(_log, logging.WARNING, "lane_not_started", started=len(self._lanes))
                 break
             self._lanes.append(handle)
+        #: the CPU each lane is pinned to (-1: not pinned), index i is lane i + 1
+        self.lane_cpus = [int(lib.sf_lane_cpu(handle)) for handle in self._lanes]
         #: live attachments per lane, index 0 the engine thread's
         self._load = [0] * (len(self._lanes) + 1)
+        #: attachments moved to the lane on their client's CPU
+        self.moves = 0
         #: the attachments lent to lanes by the address of their struct (hand-backs name them)
         self.lent: dict[int, NativeAttachment] = {}
 
     def watch(self, fd: int, attachment: NativeAttachment, *, lendable: bool = True) -> None:
-        """Serve ``fd``'s readiness with ``attachment`` from now on: on the lane with the
-        fewest attachments (the engine thread's own wait is lane 0; ``lendable`` False keeps it
-        there). The engine thread must not watch ``fd`` in its own epoll set for a lent one."""
-        lane = 0
-        if lendable:
-            lane = min(range(len(self._load)), key=self._load.__getitem__)
+        """Serve ``fd``'s readiness with ``attachment`` from now on: with lanes, on the lane
+        on its client's CPU, or the one with the fewest attachments; otherwise (or
+        ``lendable`` False) in the engine thread's own wait, lane 0. The engine thread must not
+        watch ``fd`` in its own epoll set for a lent one."""
+        lane = self._lane_for(attachment) if lendable else 0
         if lane:
             if self._lib.sf_lane_watch(self._lanes[lane - 1], fd, ctypes.byref(attachment.struct)):
                 lane = 0
@@ -440,9 +459,43 @@ class NativeEngine:
                 self.lent[ctypes.addressof(attachment.struct)] = attachment
         if not lane and self._lib.sf_watch(self._pointer, fd, ctypes.byref(attachment.struct)):
             raise MemoryError("the fast path's fd table cannot grow")
-        attachment.lane = lane
-        self._load[lane] += 1
+        self._lend(attachment, lane)
         self._watched[fd] = attachment
+
+    def _lane_for(self, attachment: NativeAttachment) -> int:
+        if not self._lanes:
+            return 0
+        cpu = self._lib.sf_task_cpu(attachment.struct.pid, 0) if attachment.struct.pid else -1
+        if cpu >= 0 and cpu in self.lane_cpus:
+            return self.lane_cpus.index(cpu) + 1
+        return min(range(1, len(self._load)), key=self._load.__getitem__)
+
+    def _lend(self, attachment: NativeAttachment, lane: int) -> None:
+        attachment.lane = lane
+        attachment.cpu = self.lane_cpus[lane - 1] if lane else -1
+        self._load[lane] += 1
+
+    def move(self, fd: int, attachment: NativeAttachment) -> None:
+        """Lend a handed-back attachment to the lane it asked for (``wanted_lane``), its
+        client's CPU's. Raises OSError when no lane takes it; it is then unwatched."""
+        wanted = int(attachment.struct.wanted_lane)
+        attachment.struct.wanted_lane = 0
+        old = attachment.lane
+        if not 0 < wanted <= len(self._lanes) or wanted == old:
+            self.give(fd, attachment)
+            return
+        self._lib.sf_lane_unwatch(self._lanes[old - 1], fd)
+        self._load[old] -= 1
+        for lane in (wanted, old):
+            if not self._lib.sf_lane_watch(
+                self._lanes[lane - 1], fd, ctypes.byref(attachment.struct)
+            ):
+                self._lend(attachment, lane)
+                self.moves += lane == wanted
+                return
+        self._watched.pop(fd, None)
+        self.lent.pop(ctypes.addressof(attachment.struct), None)
+        raise OSError("no lane took an attachment back (epoll_ctl)")
 
     def unwatch(self, fd: int) -> None:
         """Stop serving ``fd`` for good (before it is closed: the number may be reused). Once
@@ -512,7 +565,7 @@ class NativeEngine:
         """Python served something: start the spin window now."""
         self._lib.sf_mark_active(self._pointer)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """Spin counters, faults served in C, readinesses handed to Python: the engine
         thread's and its lanes' summed (the spin window is the engine thread's)."""
         structs = [self.struct, *(self._lib.sf_lane_engine(lane).contents for lane in self._lanes)]
@@ -530,6 +583,10 @@ class NativeEngine:
         return {
             **totals,
             "lane_faults": sum(int(struct.faults_served) for struct in structs[1:]),
+            # per lane, comma-separated: one key=value field in the log line
+            "lane_faults_each": ",".join(str(int(struct.faults_served)) for struct in structs[1:]),
+            "lane_cpus": ",".join(map(str, self.lane_cpus)),
+            "lane_moves": self.moves,
             "spin_window_ns": int(self.struct.spin_window_ns),
             "native_nowait_reads": int(self.struct.nowait_reads),
             "lanes": len(self._lanes),

@@ -288,6 +288,7 @@ def attachment_to_proto(data: Mapping[str, Any]) -> pb.AttachmentStats:
         recording_id=data["recording_id"],
         replay_pages=data["replay_pages"],
         replay_pending=data["replay_pending"],
+        fault_thread_cpu=data.get("fault_thread_cpu"),
         counters=counters,
         latency=[
             pb.LatencyBucket(le_ns=bucket["le_ns"] or 0, count=bucket["count"])

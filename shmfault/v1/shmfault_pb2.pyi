@@ -807,6 +807,7 @@ class AttachmentStats(_message.Message):
     RECORDING_ID_FIELD_NUMBER: _builtins.int
     REPLAY_PAGES_FIELD_NUMBER: _builtins.int
     REPLAY_PENDING_FIELD_NUMBER: _builtins.int
+    FAULT_THREAD_CPU_FIELD_NUMBER: _builtins.int
     attachment_id: _builtins.int
     region_id: _builtins.str
     mode: _builtins.str
@@ -827,6 +828,10 @@ class AttachmentStats(_message.Message):
     replay_pages: _builtins.int
     """Pages of the replayed recording, and how many of them are not filled yet."""
     replay_pending: _builtins.int
+    fault_thread_cpu: _builtins.int
+    """The CPU of the fault thread serving it now, which follows the client's (docs/architecture.md,
+    "Lanes"); unset when none is pinned to one (the engine thread, no fast path, ended).
+    """
     @_builtins.property
     def started(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -871,12 +876,15 @@ class AttachmentStats(_message.Message):
         recording_id: _builtins.str = ...,
         replay_pages: _builtins.int = ...,
         replay_pending: _builtins.int = ...,
+        fault_thread_cpu: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_fault_thread_cpu", b"_fault_thread_cpu", "ended", b"ended", "fault_thread_cpu", b"fault_thread_cpu", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_id", b"attachment_id", "base", b"base", "counters", b"counters", "end_reason", b"end_reason", "ended", b"ended", "kind", b"kind", "latency", b"latency", "length", b"length", "mode", b"mode", "mode_reasons", b"mode_reasons", "pid", b"pid", "ranges", b"ranges", "recording_id", b"recording_id", "region_id", b"region_id", "region_offset", b"region_offset", "replay_pages", b"replay_pages", "replay_pending", b"replay_pending", "started", b"started", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_fault_thread_cpu", b"_fault_thread_cpu", "attachment_id", b"attachment_id", "base", b"base", "counters", b"counters", "end_reason", b"end_reason", "ended", b"ended", "fault_thread_cpu", b"fault_thread_cpu", "kind", b"kind", "latency", b"latency", "length", b"length", "mode", b"mode", "mode_reasons", b"mode_reasons", "pid", b"pid", "ranges", b"ranges", "recording_id", b"recording_id", "region_id", b"region_id", "region_offset", b"region_offset", "replay_pages", b"replay_pages", "replay_pending", b"replay_pending", "started", b"started", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__fault_thread_cpu: _TypeAlias = _typing.Literal["fault_thread_cpu"]  # noqa: Y015
+    _WhichOneofArgType__fault_thread_cpu: _TypeAlias = _typing.Literal["_fault_thread_cpu", b"_fault_thread_cpu"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__fault_thread_cpu) -> _WhichOneofReturnType__fault_thread_cpu | None: ...
 
 Global___AttachmentStats: _TypeAlias = AttachmentStats  # noqa: Y015
 

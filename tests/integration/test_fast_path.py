@@ -10,6 +10,8 @@ actually go there.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -229,45 +231,167 @@ def test_a_recording_longer_than_the_c_sides_buffer_keeps_every_fault_in_order(
         assert stats["native_faults"] >= pages - pages // fastpath.RECORD_CAPACITY, stats
 
 
-def test_a_lane_thread_serves_its_attachment_and_hands_back_what_it_cannot(
-    service_dir: Path, shm_prefix: str, tmp_path: Path
-) -> None:
-    """With two fault threads the second attachment is lent to the lane thread. Its events
-    and its faults on written pages go back to the engine thread and the lane serves it on
-    afterwards; bytes and counters are those of one thread."""
+def two_cpus() -> list[int]:
+    """Two CPUs this process may run on (the service, started from it, may too)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip(f"needs two CPUs to place lanes on; this process may use {cpus}")
     if fastpath.library() is None:
         pytest.skip(f"the C fast path is not loaded: {fastpath.unavailable_reason()}")
+    return cpus[:2]
+
+
+@contextlib.contextmanager
+def running_on(cpu: int) -> Iterator[None]:
+    """This thread, and the threads it starts meanwhile (Memory touches on one), on ``cpu``."""
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+def lanes_of(stats_line: str) -> tuple[list[int], list[int]]:
+    """The lanes' CPUs and the faults each served, from the engine_stats line."""
+    cpus = re.search(r"lane_cpus=([\d,-]*)", stats_line)
+    faults = re.search(r"lane_faults_each=([\d,]*)", stats_line)
+    assert cpus is not None and faults is not None, stats_line
+    return (
+        [int(c) for c in cpus.group(1).split(",") if c],
+        [int(f) for f in faults.group(1).split(",") if f],
+    )
+
+
+def stats_line(service: Service) -> str:
+    return next(line for line in service.logs().splitlines() if "event=engine_stats" in line)
+
+
+def test_lanes_are_pinned_and_serve_the_client_on_their_cpu_handing_back_what_they_cannot(
+    service_dir: Path, shm_prefix: str, tmp_path: Path
+) -> None:
+    """Two fault threads: two lanes pinned to the first two CPUs. Both attachments of a client
+    running on the second CPU are lent to that CPU's lane; their events and faults on written
+    pages go back to the engine thread and the lane serves them on afterwards; bytes and
+    counters are those of one thread."""
+    first_cpu, second_cpu = two_cpus()
     running = Service(service_dir, shm_prefix, [*ONE_PAGE, "--fault-threads", "2"])
     running.start()
     try:
-        with running.client() as client:
+        with running.client() as client, running_on(second_cpu):
             first, first_data = make_region(client, tmp_path, "file", 64 * PAGE)
             region, data = make_region(client, tmp_path, "file", 64 * PAGE)
             written = bytes(range(256)) * (PAGE // 256)
             client.write(region.id, 40 * PAGE, written)
             expected = data[: 40 * PAGE] + written + data[41 * PAGE :]
             with (
-                client.attach(first.id, mode="private-copy") as on_engine_thread,
-                client.attach(region.id, mode="private-copy") as on_lane,
+                client.attach(first.id, mode="private-copy") as other,
+                client.attach(region.id, mode="private-copy") as attached,
             ):
-                memory = Memory.of(on_lane)
+                assert entry_of(client, attached.attachment_id)["fault_thread_cpu"] == second_cpu
+                memory = Memory.of(attached)
                 assert memory.wrong_pages(expected, shuffled(range(64), 4)) == []
-                _libc.madvise(on_lane.address, 8 * PAGE, _libc.MADV_DONTNEED)  # EVENT_REMOVE
+                _libc.madvise(attached.address, 8 * PAGE, _libc.MADV_DONTNEED)  # EVENT_REMOVE
                 assert memory.wrong_pages(expected, shuffled(range(64), 5)) == []
-                assert Memory.of(on_engine_thread).wrong_pages(first_data, range(64)) == []
-                counters = entry_of(client, on_lane.attachment_id)["counters"]
+                assert Memory.of(other).wrong_pages(first_data, range(64)) == []
+                counters = entry_of(client, attached.attachment_id)["counters"]
             assert counters["faults"] == 64 + 8, counters
             assert counters["pages_filled"] == 64 + 8, counters
             assert counters["events_remove"] == 1, counters
     finally:
         stats = stop(running)
-    assert stats["lanes"] == 1, stats
+    assert stats["lanes"] == 2, stats
     # Two pages read from the written region went to Python (twice page 40: before and
-    # after the REMOVE, if it was among the 8), the REMOVE too; the rest was served in C.
+    # after the REMOVE, if it was among the 8), the REMOVE too; the rest was served in C,
+    # all of it by the lane on the client's CPU.
     assert stats["native_handoffs"] >= 2, stats
     assert stats["native_faults"] >= 64 + 64 + 8 - 3, stats
-    # The lane served the second attachment's (its only one), the engine thread the first's.
-    assert 64 + 8 - 3 <= stats["lane_faults"] <= 64 + 8, stats
+    cpus, faults = lanes_of(stats_line(running))
+    assert cpus == [first_cpu, second_cpu]
+    assert faults[0] == 0 and faults[1] == stats["native_faults"], faults
+    assert stats["lane_moves"] == 0, stats
+
+
+def test_an_attachment_follows_its_client_to_the_lane_on_its_new_cpu(
+    service_dir: Path, shm_prefix: str, tmp_path: Path
+) -> None:
+    """The client moves to the other CPU: the lane serving it sees so (at most every 10 ms
+    of faults) and the attachment moves to the lane there; nothing is lost on the way."""
+    first_cpu, second_cpu = two_cpus()
+    pages = 4096
+    running = Service(service_dir, shm_prefix, [*ONE_PAGE, "--fault-threads", "2"])
+    running.start()
+    try:
+        with running.client() as client:
+            region, data = make_region(client, tmp_path, "file", pages * PAGE)
+            order = shuffled(range(pages), 8)
+            with client.attach(region.id, mode="shared-copy") as attached:
+                memory = Memory.of(attached)
+                with running_on(first_cpu):
+                    assert memory.wrong_pages(data, order[:64]) == []
+                    assert entry_of(client, attached.attachment_id)["fault_thread_cpu"] == first_cpu
+                touched = 64
+                with running_on(second_cpu):
+                    # one page at a time, a little apart, until a look found the client moved
+                    while touched < pages:
+                        assert memory.wrong_pages(data, order[touched : touched + 1]) == []
+                        touched += 1
+                        entry = entry_of(client, attached.attachment_id)
+                        if entry["fault_thread_cpu"] == second_cpu:
+                            break
+                    assert entry["fault_thread_cpu"] == second_cpu, f"{touched} faults"
+                    assert memory.wrong_pages(data, order[touched : touched + 256]) == []
+                    touched += 256
+                counters = entry_of(client, attached.attachment_id)["counters"]
+            assert counters["faults"] == touched, counters
+            assert client.read(region.id, 0, pages * PAGE) == data
+    finally:
+        stats = stop(running)
+    assert stats["lane_moves"] >= 1, stats
+    cpus, faults = lanes_of(stats_line(running))
+    assert cpus == [first_cpu, second_cpu]
+    # The first lane served the first 64 and those until the look; the second the rest.
+    assert faults[0] >= 64 and faults[1] >= 256, faults
+    assert sum(faults) == stats["native_faults"] == touched, (faults, stats)
+
+
+def test_the_thread_that_faulted_places_the_attachment_not_the_main_thread(
+    service_dir: Path, shm_prefix: str, tmp_path: Path
+) -> None:
+    """The shmfault client enables UFFD_FEATURE_THREAD_ID: a fault names its thread, and a
+    lane looks at that thread's CPU. Here the main thread stays on one CPU while another
+    thread faults on the other."""
+    first_cpu, second_cpu = two_cpus()
+    pages = 4096
+    running = Service(service_dir, shm_prefix, [*ONE_PAGE, "--fault-threads", "2"])
+    running.start()
+    try:
+        with running.client() as client, running_on(first_cpu):
+            region, data = make_region(client, tmp_path, "zero", pages * PAGE)
+            with client.attach(region.id, mode="shared-copy") as attached:
+                memory = Memory.of(attached)
+                assert entry_of(client, attached.attachment_id)["fault_thread_cpu"] == first_cpu
+                moved = threading.Event()
+
+                def fault_from_the_other_cpu() -> None:
+                    os.sched_setaffinity(0, {second_cpu})
+                    for page in range(pages):
+                        # a thread of its own: Memory touches on a thread it starts, which
+                        # inherits this one's CPU
+                        assert memory.wrong_pages(data, [page]) == []
+                        if entry_of(client, attached.attachment_id)["fault_thread_cpu"] == (
+                            second_cpu
+                        ):
+                            moved.set()
+                            return
+
+                faulter = threading.Thread(target=fault_from_the_other_cpu)
+                faulter.start()
+                faulter.join(60)
+                assert moved.is_set()
+    finally:
+        stats = stop(running)
+    assert stats["lane_moves"] >= 1, stats
 
 
 def test_one_fault_thread_starts_no_lane(

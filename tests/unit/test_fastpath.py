@@ -6,6 +6,8 @@ import ctypes
 import os
 import select
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -182,3 +184,47 @@ def test_a_remap_that_reorders_the_ranges_keeps_each_ranges_own_pages() -> None:
         assert seen.region_offset == expected.region_offset
         pages = (ctypes.c_uint8 * len(expected.pages)).from_buffer(expected.pages)
         assert seen.pages == ctypes.addressof(pages)
+
+
+def test_the_cpu_of_a_task_is_read_past_a_command_name_with_spaces_and_parentheses() -> None:
+    built()
+    lib = fastpath.library()
+    assert lib is not None
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = cpus[-1]
+    script = (
+        "import os, sys, time\n"
+        "open('/proc/self/comm', 'w').write(') 1 2 (x) 3')\n"
+        f"os.sched_setaffinity(0, {{{cpu}}})\n"
+        "print(flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        child.stdout.readline()  # renamed and pinned
+        with open(f"/proc/{child.pid}/comm") as comm:
+            assert comm.read().strip() == ") 1 2 (x) 3"
+        assert lib.sf_task_cpu(child.pid, 0) == cpu
+        assert lib.sf_task_cpu(child.pid, child.pid) == cpu  # the main thread by its tid
+    finally:
+        child.kill()
+        child.wait()
+    assert lib.sf_task_cpu(child.pid, 0) == -1  # gone
+
+
+def test_the_cpu_of_one_thread_is_that_threads() -> None:
+    built()
+    lib = fastpath.library()
+    assert lib is not None
+    cpus = sorted(os.sched_getaffinity(0))
+    seen: list[int] = []
+
+    def pinned() -> None:
+        os.sched_setaffinity(0, {cpus[-1]})
+        seen.append(lib.sf_task_cpu(os.getpid(), threading.get_native_id()))
+
+    thread = threading.Thread(target=pinned)
+    thread.start()
+    thread.join()
+    assert seen == [cpus[-1]]
