@@ -763,20 +763,64 @@ static int resolve(struct sf_engine *engine, struct sf_attachment *attachment, u
 	return outcome;
 }
 
-/* Fill region offsets [start, end) of range `range_index` ahead of the client (a replay step).
- * Adds the pages filled to *filled; 0 when the block was done whole, -1 when Python must finish
- * it (a page raced in, an error: the Python engine reacts as it does for its own fills). */
-int sf_fill(struct sf_engine *engine, struct sf_attachment *attachment, uint32_t range_index,
-	    uint64_t start, uint64_t end, uint64_t *filled)
+/* One replay step: fill the fault-around blocks of the recorded pages `pages` (region page
+ * indexes, ascending), overlapping blocks once, pages outside every range skipped; as
+ * FaultEngine._prefetch does. Adds the pages filled to *filled. Returns how many of `pages`
+ * are done with: all of them, or up to the end of a block not done whole, which is then in
+ * *block_range, *block_start, *block_end for Python to finish (a page raced in, an error). */
+int sf_replay_step(struct sf_engine *engine, struct sf_attachment *attachment,
+		   const uint64_t *pages, int count, uint64_t *filled, uint32_t *block_range,
+		   uint64_t *block_start, uint64_t *block_end)
 {
-	if (range_index >= attachment->range_count)
-		return -1;
+	uint64_t page = attachment->page_size;
+	uint64_t block = engine->fault_around_pages * page;
 	uint64_t before = attachment->counters.pages_filled;
-	int complete;
-	fill_block(engine, attachment, &attachment->ranges[range_index], start, end, UINT64_MAX,
-		   0, &complete);
+	int32_t current = -1; /* the block being gathered: its range, or -1 */
+	uint64_t start = 0, end = 0;
+	int done = count;
+	for (int i = 0; i <= count; i++) {
+		int32_t found = -1;
+		uint64_t offset = 0, next_start = 0, next_end = 0;
+		if (i < count) {
+			offset = pages[i] * page;
+			for (uint32_t r = 0; r < attachment->range_count; r++) {
+				struct sf_range *range = &attachment->ranges[r];
+				if (offset - range->region_offset < range->length &&
+				    offset >= range->region_offset) {
+					found = (int32_t)r;
+					uint64_t aligned = offset - offset % block;
+					uint64_t limit = range->region_offset + range->length;
+					next_start = aligned > range->region_offset ? aligned
+										     : range->region_offset;
+					next_end = aligned + block < limit ? aligned + block : limit;
+					break;
+				}
+			}
+			if (found < 0)
+				continue; /* a page outside what this attachment maps */
+			if (found == current && next_start <= end) {
+				end = next_end > end ? next_end : end;
+				continue;
+			}
+		}
+		if (current >= 0) {
+			int complete;
+			fill_block(engine, attachment, &attachment->ranges[current], start, end,
+				   UINT64_MAX, 0, &complete);
+			if (!complete) {
+				*block_range = (uint32_t)current;
+				*block_start = start;
+				*block_end = end;
+				done = i;
+				break;
+			}
+		}
+		current = found;
+		start = next_start;
+		end = next_end;
+	}
 	*filled = attachment->counters.pages_filled - before;
-	return complete ? 0 : -1;
+	return done;
 }
 
 static int latency_bucket(const struct sf_engine *engine, uint64_t nanoseconds)

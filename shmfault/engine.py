@@ -1606,13 +1606,39 @@ class FaultEngine:
         recorded page is filled with its fault-around block, as its fault was when recorded
         (a recording holds the faults, not the pages fault-around brought with them);
         overlapping blocks are filled once. A page that cannot be filled now (raced, EAGAIN,
-        unmapped) is simply left to fault."""
+        unmapped) is simply left to fault. With the fast path the step is one call into C,
+        which leaves to :meth:`_prefetch_block` only a block it could not do whole."""
         replay = attachment.replay
         assert replay is not None
-        page = attachment.region.page_size
         begin = attachment.replay_next
+        pages = sorted(replay[begin : begin + PREFETCH_PAGES])
+        native = attachment.native
+        if native is not None and self._native is not None:
+            while pages:
+                done, filled, block = self._native.replay_step(native, pages)
+                attachment.stats.pages_prefetched += filled
+                if block is None:
+                    break
+                range_index, start, end = block
+                if not self._prefetch_block(attachment, attachment.ranges[range_index], start, end):
+                    return
+                pages = pages[done:]
+        else:
+            for mapped_range, start, end in self._replay_blocks(attachment, pages):
+                if not self._prefetch_block(attachment, mapped_range, start, end):
+                    return
+        # Advanced last: GetStats reads it from another thread, and "nothing pending" must
+        # mean the pages are in.
+        attachment.replay_next = begin + PREFETCH_PAGES
+
+    def _replay_blocks(
+        self, attachment: Attachment, pages: Iterable[int]
+    ) -> list[tuple[MappedRange, int, int]]:
+        """The fault-around blocks of the recorded ``pages`` (ascending), overlapping ones
+        merged; pages outside every range are left out."""
+        page = attachment.region.page_size
         blocks: list[tuple[MappedRange, int, int]] = []
-        for index in sorted(replay[begin : begin + PREFETCH_PAGES]):
+        for index in pages:
             mapped_range = attachment.range_at_offset(index * page)
             if mapped_range is None:
                 continue  # a page outside what this attachment maps
@@ -1621,34 +1647,30 @@ class FaultEngine:
                 blocks[-1] = (mapped_range, blocks[-1][1], max(end, blocks[-1][2]))
             else:
                 blocks.append((mapped_range, start, end))
+        return blocks
+
+    def _prefetch_block(
+        self, attachment: Attachment, mapped_range: MappedRange, start: int, end: int
+    ) -> bool:
+        """Fill one replay block in Python; False when that ended the attachment."""
         stats = attachment.stats
-        for mapped_range, start, end in blocks:
-            if attachment.native is not None and self._native is not None:
-                done, filled = self._native.fill(
-                    attachment.native, attachment.ranges.index(mapped_range), start, end
-                )
-                stats.pages_prefetched += filled
-                if done:
-                    continue  # else the Python fill finishes the block (and meets its error)
-            before = stats.pages_filled
-            try:
-                self._fill(attachment, mapped_range, start, end, None)
-            except (UffdPageExistsError, UffdRetryError):
-                pass
-            except UffdProcessGoneError:
-                self._finish(attachment, "the client's memory is gone (ESRCH)")
-                return
-            except UffdError as exc:
-                if exc.errno != errno.ENOENT:
-                    self._failed(attachment, exc)
-                    return
-            except (ShmfaultError, OSError) as exc:
+        before = stats.pages_filled
+        try:
+            self._fill(attachment, mapped_range, start, end, None)
+        except (UffdPageExistsError, UffdRetryError):
+            pass
+        except UffdProcessGoneError:
+            self._finish(attachment, "the client's memory is gone (ESRCH)")
+            return False
+        except UffdError as exc:
+            if exc.errno != errno.ENOENT:
                 self._failed(attachment, exc)
-                return
-            stats.pages_prefetched += stats.pages_filled - before
-        # Advanced last: GetStats reads it from another thread, and "nothing pending" must
-        # mean the pages are in.
-        attachment.replay_next = begin + PREFETCH_PAGES
+                return False
+        except (ShmfaultError, OSError) as exc:
+            self._failed(attachment, exc)
+            return False
+        stats.pages_prefetched += stats.pages_filled - before
+        return True
 
 
 def _all_holes(region: RegionBacking, offset: int, length: int) -> bool:

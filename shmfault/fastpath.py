@@ -216,13 +216,15 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         ("sf_wait", [engine, ctypes.c_int, ctypes.c_int], ctypes.c_int),
         ("sf_mark_active", [engine], None),
         (
-            "sf_fill",
+            "sf_replay_step",
             [
                 engine,
                 ctypes.POINTER(AttachmentStruct),
-                ctypes.c_uint32,
-                ctypes.c_uint64,
-                ctypes.c_uint64,
+                ctypes.POINTER(ctypes.c_uint64),
+                ctypes.c_int,
+                ctypes.POINTER(ctypes.c_uint64),
+                ctypes.POINTER(ctypes.c_uint32),
+                ctypes.POINTER(ctypes.c_uint64),
                 ctypes.POINTER(ctypes.c_uint64),
             ],
             ctypes.c_int,
@@ -545,21 +547,31 @@ class NativeEngine:
             raise OSError(-count, os.strerror(-count))
         return list(self.struct.ready[:count])
 
-    def fill(
-        self, attachment: NativeAttachment, range_index: int, start: int, end: int
-    ) -> tuple[bool, int]:
-        """Fill region offsets ``[start, end)`` of range ``range_index`` ahead of the client:
-        (whether the whole block was done, pages filled). Not done: the caller finishes it."""
+    def replay_step(
+        self, attachment: NativeAttachment, pages: Sequence[int]
+    ) -> tuple[int, int, tuple[int, int, int] | None]:
+        """Fill the fault-around blocks of the recorded ``pages`` (region page indexes,
+        ascending) ahead of the client: (how many of ``pages`` are done with, pages filled, a
+        block ``(range index, start, end)`` not done whole, which the caller finishes, or
+        None when all were)."""
+        array = (ctypes.c_uint64 * len(pages))(*pages)
         filled = ctypes.c_uint64(0)
-        status = self._lib.sf_fill(
+        block_range = ctypes.c_uint32(0)
+        block_start = ctypes.c_uint64(0)
+        block_end = ctypes.c_uint64(0)
+        done = self._lib.sf_replay_step(
             self._pointer,
             ctypes.byref(attachment.struct),
-            range_index,
-            start,
-            end,
+            array,
+            len(pages),
             ctypes.byref(filled),
+            ctypes.byref(block_range),
+            ctypes.byref(block_start),
+            ctypes.byref(block_end),
         )
-        return status == 0, filled.value
+        if done == len(pages):
+            return done, filled.value, None
+        return done, filled.value, (block_range.value, block_start.value, block_end.value)
 
     def mark_active(self) -> None:
         """Python served something: start the spin window now."""
