@@ -174,6 +174,18 @@ static void *worker_main(void *opaque)
 	return NULL;
 }
 
+/* The CPUs the service may run on, as its threads had them before any lane was pinned: a
+ * worker started by a pinned lane must not inherit the lane's one CPU, or the two halves of a
+ * window would take turns on it. */
+static cpu_set_t service_cpus;
+static int service_cpus_known;
+static pthread_once_t service_cpus_once = PTHREAD_ONCE_INIT;
+
+static void note_service_cpus(void)
+{
+	service_cpus_known = !sched_getaffinity(0, sizeof(service_cpus), &service_cpus);
+}
+
 /* The worker, started now if need be; NULL when it cannot be (then one thread does all). */
 static struct worker *worker_of(struct sf_engine *engine)
 {
@@ -184,7 +196,13 @@ static struct worker *worker_of(struct sf_engine *engine)
 		return NULL;
 	pthread_mutex_init(&worker->lock, NULL);
 	pthread_cond_init(&worker->cond, NULL);
-	if (pthread_create(&worker->thread, NULL, worker_main, worker)) {
+	pthread_attr_t attributes;
+	pthread_attr_init(&attributes);
+	if (service_cpus_known)
+		pthread_attr_setaffinity_np(&attributes, sizeof(service_cpus), &service_cpus);
+	int failed = pthread_create(&worker->thread, &attributes, worker_main, worker);
+	pthread_attr_destroy(&attributes);
+	if (failed) {
 		pthread_cond_destroy(&worker->cond);
 		pthread_mutex_destroy(&worker->lock);
 		free(worker);
@@ -277,6 +295,7 @@ void sf_region_close(struct sf_region *region) { region->closed = 1; }
 
 int sf_engine_init(struct sf_engine *engine, int epfd)
 {
+	pthread_once(&service_cpus_once, note_service_cpus); /* on a Python thread: not pinned */
 	engine->epfd = epfd;
 	engine->nowait_reads = 1;
 	engine->table_size = 0;

@@ -394,6 +394,43 @@ def test_the_thread_that_faulted_places_the_attachment_not_the_main_thread(
     assert stats["lane_moves"] >= 1, stats
 
 
+def test_only_the_lanes_are_pinned_the_threads_they_start_are_not(
+    service_dir: Path, shm_prefix: str, tmp_path: Path
+) -> None:
+    """A window of 256 KiB or more is copied in two halves at once, the second on a worker
+    thread that a lane starts. Started by a pinned lane it would inherit the lane's one CPU
+    and the halves would take turns; it must have every CPU the service has."""
+    cpus = two_cpus()
+    running = Service(
+        service_dir,
+        shm_prefix,
+        ["--fault-around", "128", "--fault-around-max", "0", "--fault-threads", "2"],
+    )
+    running.start()
+    assert running.process is not None
+    pid = running.process.pid
+    try:
+        with running.client() as client, running_on(cpus[0]):
+            region, data = make_region(client, tmp_path, "zero", 1024 * PAGE)
+            with client.attach(region.id, mode="shared-copy") as attached:
+                assert Memory.of(attached).wrong_pages(data, range(0, 1024, 128)) == []
+                allowed = {}
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    status = (task / "status").read_text()
+                    listed = re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.M)
+                    assert listed is not None
+                    allowed[task.name] = listed.group(1)
+    finally:
+        stats = stop(running)
+    assert stats["native_faults"] == 8, stats
+    single = sorted(
+        cpus_list for cpus_list in allowed.values() if "," not in cpus_list and "-" not in cpus_list
+    )
+    # the two lanes, one CPU each; every other thread (the workers included) all of them
+    assert single == [str(cpu) for cpu in cpus], allowed
+    assert len(allowed) > 4, allowed  # main, engine, lanes, workers, gRPC, ...
+
+
 def test_one_fault_thread_starts_no_lane(
     service_dir: Path, shm_prefix: str, tmp_path: Path
 ) -> None:
