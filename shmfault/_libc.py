@@ -28,6 +28,21 @@ _SYS_USERFAULTFD = {
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
+#: cachestat(2), Linux 6.5: one number on every architecture, as for every call since 424
+_SYS_CACHESTAT = 451
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")
+    ]
+
+
 _mmap = _libc.mmap
 _mmap.restype = ctypes.c_void_p
 _mmap.argtypes = [
@@ -99,6 +114,22 @@ def userfaultfd(flags: int) -> int:
             return int(fd)
         if ctypes.get_errno() != errno.EINTR:
             _raise_errno("userfaultfd")
+
+
+def pages_present(fd: int, offset: int, length: int) -> int | None:
+    """cachestat(2): how many pages of the file's ``[offset, offset + length)`` it has, in
+    memory or (shmem) swapped out; None when the kernel cannot say (before 6.5, hugetlbfs)."""
+    request = _CachestatRange(offset, length)
+    stat = _Cachestat()
+    if _syscall(
+        ctypes.c_long(_SYS_CACHESTAT),
+        ctypes.c_uint(fd),
+        ctypes.byref(request),
+        ctypes.byref(stat),
+        ctypes.c_uint(0),
+    ):
+        return None
+    return int(stat.nr_cache + stat.nr_evicted)
 
 
 def mmap(address: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple, Protocol
 
 import posix_ipc
 
-from shmfault import fastpath
+from shmfault import _libc, fastpath
 from shmfault.errors import (
     AlreadyExistsError,
     HugePagesUnavailableError,
@@ -204,12 +204,17 @@ class Backing:
 
     def holes(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         """The unfilled page ranges ``[hole_start, hole_end)`` within the page-aligned range
-        ``[start, end)``, in order. O(number of extents in the range) on tmpfs."""
+        ``[start, end)``, in order. Never walks past ``end``: SEEK_HOLE from inside a run of
+        pages walks the whole run (0.8 ms over 64 MiB), so a range the file has every page of
+        is told by cachestat first, where the kernel has it."""
         if self._filled is not None:
             yield from self._bitmap_runs(start, end, 0)
             return
         position = start
         while position < end:
+            present = _libc.pages_present(self._fd, position, end - position)
+            if present is not None and present >= (end - position) // self.page_size:
+                return
             try:
                 hole = os.lseek(self._fd, position, os.SEEK_HOLE)
             except OSError as exc:

@@ -514,3 +514,30 @@ def test_hugetlb_region(store: RegionStore, huge_pages: int, tmp_path: Path) -> 
     with pytest.raises(HugePagesUnavailableError):
         store.create(4 * huge, backing=BackingKind.HUGETLB)
     store.delete(region.id)
+
+
+def test_holes_are_found_within_the_range_however_much_of_the_file_is_filled() -> None:
+    # The second sharer of a region asks for the holes of each window of a file the first
+    # one filled nearly all of: the answer must stay within the window (cachestat, then
+    # SEEK_HOLE only where a hole is known to be).
+    pages = 4096
+    backing = memory.Backing.create(memory.BackingKind.MEMFD, pages * PAGE, "holes")
+    try:
+        fd = backing.fileno()
+        for start, end in ((0, 100), (102, 2000), (2001, pages - 1)):
+            os.pwrite(fd, b"x" * ((end - start) * PAGE), start * PAGE)
+        assert memory._libc.pages_present(fd, 0, pages * PAGE) == pages - 4
+        assert list(backing.holes(0, 64 * PAGE)) == []
+        assert list(backing.holes(96 * PAGE, 112 * PAGE)) == [(100 * PAGE, 102 * PAGE)]
+        assert list(backing.holes(101 * PAGE, 102 * PAGE)) == [(101 * PAGE, 102 * PAGE)]
+        assert list(backing.holes(1984 * PAGE, 2048 * PAGE)) == [(2000 * PAGE, 2001 * PAGE)]
+        assert list(backing.holes((pages - 16) * PAGE, pages * PAGE)) == [
+            ((pages - 1) * PAGE, pages * PAGE)
+        ]
+        assert list(backing.holes(0, pages * PAGE)) == [
+            (100 * PAGE, 102 * PAGE),
+            (2000 * PAGE, 2001 * PAGE),
+            ((pages - 1) * PAGE, pages * PAGE),
+        ]
+    finally:
+        backing.close()
