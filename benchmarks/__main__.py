@@ -27,7 +27,19 @@ from benchmarks.reference import DEFAULT_SOURCE
 from benchmarks.service import reap_all
 from benchmarks.workloads import MODES, MULTI_WORKLOADS, Config, MiB, run_all
 
-COMMANDS = ("run", "rand", "seq", "replay", "share", "cores", "scale", "control", "profile", "show")
+COMMANDS = (
+    "run",
+    "rand",
+    "seq",
+    "replay",
+    "file",
+    "share",
+    "cores",
+    "scale",
+    "control",
+    "profile",
+    "show",
+)
 
 
 def _size(text: str) -> int:
@@ -234,6 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("replay", "working-set replay: time to completion on demand vs replayed"),
     ):
         _common(commands.add_parser(name, help=text, description=text))
+    text = "first touch of a region filled from a file on disk, its pages cached or not"
+    file = commands.add_parser("file", help=text, description=text)
+    _common(file)
+    group = file.add_argument_group("file workload")
+    group.add_argument("--file-size", type=_size, default=256 * MiB, help="default 256M")
+    group.add_argument(
+        "--file-dir",
+        type=Path,
+        help="directory of the file, on the file system to read from (default: the work "
+        "directory, under $TMPDIR; on tmpfs only the warm state is measured)",
+    )
     for name, text in (
         ("share", "1, 2, 4, 8 processes on one region: pages filled once, time to all-touched"),
         ("cores", "fault throughput of two client processes on two regions vs one"),
@@ -274,6 +297,7 @@ def config_from(args: argparse.Namespace) -> Config:
             "rand": ("rand",),
             "seq": ("seq",),
             "replay": ("replay",),
+            "file": ("file",),
             "share": ("share",),
             "cores": ("cores",),
             "scale": ("scale",),
@@ -293,7 +317,7 @@ def config_from(args: argparse.Namespace) -> Config:
         seed=args.seed,
         # The multi-process workloads have no reference counterpart: not built for them.
         reference_source=None
-        if args.no_reference or args.command in MULTI_WORKLOADS
+        if args.no_reference or args.command in (*MULTI_WORKLOADS, "file")
         else args.reference,
         touch_loop=args.touch_loop,
         source_dir=args.source_dir,
@@ -315,6 +339,8 @@ def config_from(args: argparse.Namespace) -> Config:
                 "scale_region_size",
                 "scale_probe_size",
                 "control_calls",
+                "file_size",
+                "file_dir",
             )
             if hasattr(args, name)
         },

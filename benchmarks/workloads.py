@@ -6,6 +6,8 @@ Workloads, run against a fresh region per run (a file source, so every page has 
 - ``rand``: distinct pages picked uniformly at random, touched once each in the client by a C
   loop that times every touch (the fault's whole round trip as the client sees it);
 - ``seq``: every page of the region in address order (fill bandwidth);
+- ``file``: every page in address order of a region filled from a file on disk, its pages
+  cached or not (:mod:`benchmarks.filesource`);
 - ``replay``: a working-set trace (clusters of 1 to 16 consecutive pages at random places,
   visited in random order) over a region filled from a file: first recorded (an attach with
   ``record``), then timed to completion on demand and with the recording replayed (an attach
@@ -86,6 +88,9 @@ class Config:
     scale_region_size: int = 64 * KiB
     scale_probe_size: int = 16 * MiB
     control_calls: int = 1000
+    # The file workload (benchmarks/filesource.py).
+    file_size: int = 256 * MiB
+    file_dir: Path | None = None
 
     @property
     def phases(self) -> list[int]:
@@ -152,6 +157,8 @@ class Workspace:
         self.reference: Reference | None = None
         self.notes: list[str] = []
         self.timer_overhead_ns = 0
+        #: files made outside the work directory, removed with it
+        self.made_files: list[Path] = []
 
     def __enter__(self) -> Self:
         self.directory = Path(tempfile.mkdtemp(prefix="sfb-"))
@@ -191,7 +198,7 @@ class Workspace:
             self.notes.append(message)
             self.say(message)
         else:
-            self.notes.append("reference handler disabled (--no-reference)")
+            self.notes.append("reference handler not run (--no-reference, or no counterpart)")
         size = max(
             config.rand_size if "rand" in config.workloads else 0,
             config.seq_size if "seq" in config.workloads else 0,
@@ -201,6 +208,7 @@ class Workspace:
             # scale's small regions take consecutive slices of it, wrapping around
             max(config.scale_probe_size, 64 * MiB) if "scale" in config.workloads else 0,
             64 * MiB if "control" in config.workloads else 0,
+            config.file_size if "file" in config.workloads else 0,
         )
         self.source_size = size
         source_dir = config.source_dir or _default_source_dir(self.directory)
@@ -220,11 +228,17 @@ class Workspace:
             with contextlib.suppress(BufferError):
                 self.source_map.close()
             self.source_map = None
-        if self.source_path.name:
-            with contextlib.suppress(FileNotFoundError):
-                self.source_path.unlink()
+        for path in [self.source_path, *self.made_files]:
+            if path.name:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         if self.directory.name:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+    @property
+    def file_directory(self) -> Path:
+        """Where the ``file`` workload's file goes: ``file_dir``, else the work directory."""
+        return self.config.file_dir or self.directory
 
     def random_pages(self, rep: int) -> array[int]:
         """The pages the ``rand`` workload touches in repetition ``rep``: distinct, uniform."""
@@ -647,6 +661,10 @@ def run_all(config: Config, say: Callable[[str], None]) -> tuple[list[Record], l
                                 ws, service, client, mode, rep, ws.trace_pages(rep)
                             ):
                                 keep(record)
+            if "file" in config.workloads:
+                from benchmarks import filesource  # it imports this module
+
+                filesource.run_repetition(ws, rep, keep, say)
             if any(w in MULTI_WORKLOADS for w in config.workloads):
                 from benchmarks import scaling  # it imports this module
 
@@ -671,6 +689,11 @@ def describe(record: Record) -> str:
         return (
             f"{head} {record['variant']:8} {record['elapsed_ns'] / 1e6:9.1f} ms  "
             f"{record['faults']:7} faults  {record['pages_prefetched']:7} prefetched  {ok}"
+        )
+    if record["workload"] == "file":
+        return (
+            f"{head} {record['state']:4} (cached {max(record['cached_before'], 0):4.0%}) "
+            f"{record['gbps']:6.2f} GB/s  {ok}"
         )
     if record["workload"] == "rand":
         return (

@@ -106,3 +106,42 @@ def test_memory_target_is_reported_in_kib() -> None:
     assert memory["value"] == 70.0
     assert not memory["met"]
     assert "70.0 KiB" in report.format_tables({"rand": [], "seq": [], "baselines": [], **summary})
+
+
+def _file(rep: int, subject: str, state: str, gbps: float, mode: str = "") -> dict[str, Any]:
+    return {
+        "workload": "file",
+        "subject": subject,
+        "mode": mode or ("mmap-private-first-touch" if subject == "kernel" else "shared-copy"),
+        "state": state,
+        "cached_before": 0.0 if state == "cold" else 1.0,
+        "rep": rep,
+        "gbps": gbps,
+        "faults": 10,
+        "cpu_ns_per_fault": 1000.0,
+        "user_ns_per_fault": 0.0,
+        "sys_ns_per_fault": 1000.0,
+        "verified": True,
+    }
+
+
+def test_file_rows_are_paired_with_the_kernel_in_the_same_state_and_repetition() -> None:
+    records = [
+        _file(0, "kernel", "cold", 1.0),
+        _file(1, "kernel", "cold", 2.0),
+        _file(0, "shmfault", "cold", 1.5),
+        _file(1, "shmfault", "cold", 2.0),
+        _file(0, "kernel", "warm", 4.0),
+        _file(0, "shmfault", "warm", 2.0),
+    ]
+    rows = {(r["mode"], r["state"]): r for r in report.summarise_file(records)}
+    assert set(rows) == {
+        ("kernel: mmap of the file", "cold"),
+        ("shared-copy", "cold"),
+        ("kernel: mmap of the file", "warm"),
+        ("shared-copy", "warm"),
+    }
+    assert rows[("shared-copy", "cold")]["vs_kernel_range"] == [1.0, 1.5]
+    assert rows[("shared-copy", "cold")]["vs_kernel"] == 1.25
+    assert rows[("shared-copy", "warm")]["vs_kernel"] == 0.5
+    assert rows[("kernel: mmap of the file", "warm")]["vs_kernel"] is None
