@@ -270,8 +270,9 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=int,
         dest="fault_threads",
         metavar="N",
-        help="threads that serve faults on the C fast path, the attachments spread over them "
-        "(default 0: one per CPU, at most 4)",
+        help="threads that serve faults on the C fast path, each pinned to a CPU and serving "
+        "the clients running there (default 0: one per CPU, at most 4; 1: the engine thread "
+        "alone)",
     )
     parser.add_argument(
         "--no-fast-path",
