@@ -109,6 +109,9 @@ struct sf_attachment {
 	uint32_t last_tid;
 	int64_t placed_ns;
 	int32_t wanted_lane;
+	/* the client shares the service's pid namespace: a fault's thread id names a thread in
+	 * our /proc (else it is an id in the client's namespace, and only pid is looked at) */
+	int32_t tids_visible;
 };
 
 struct sf_engine {
@@ -552,8 +555,14 @@ static int region_has_all(int fd, uint64_t start, uint64_t end, uint64_t page)
 	struct {
 		uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
 	} stat;
-	if (syscall(__NR_cachestat, fd, &range, &stat, 0))
+	static volatile int missing; /* ENOSYS once: not asked again */
+	if (missing)
 		return -1;
+	if (syscall(__NR_cachestat, fd, &range, &stat, 0)) {
+		if (errno == ENOSYS)
+			missing = 1;
+		return -1;
+	}
 	/* shmem counts a page swapped out as evicted; a hole is neither */
 	return stat.nr_cache + stat.nr_evicted >= (end - start) / page;
 }
@@ -829,7 +838,9 @@ static int resolve(struct sf_engine *engine, struct sf_attachment *attachment, u
  * indexes, ascending), overlapping blocks once, pages outside every range skipped; as
  * FaultEngine._prefetch does. Adds the pages filled to *filled. Returns how many of `pages`
  * are done with: all of them, or up to the end of a block not done whole, which is then in
- * *block_range, *block_start, *block_end for Python to finish (a page raced in, an error). */
+ * *block_range, *block_start, *block_end for Python to finish (a page raced in, an error);
+ * *block_end stays 0 when every block was done (the last block may be the unfinished one, so
+ * the count alone cannot say). */
 int sf_replay_step(struct sf_engine *engine, struct sf_attachment *attachment,
 		   const uint64_t *pages, int count, uint64_t *filled, uint32_t *block_range,
 		   uint64_t *block_start, uint64_t *block_end)
@@ -840,6 +851,7 @@ int sf_replay_step(struct sf_engine *engine, struct sf_attachment *attachment,
 	int32_t current = -1; /* the block being gathered: its range, or -1 */
 	uint64_t start = 0, end = 0;
 	int done = count;
+	*block_end = 0;
 	for (int i = 0; i <= count; i++) {
 		int32_t found = -1;
 		uint64_t offset = 0, next_start = 0, next_end = 0;
@@ -1120,8 +1132,9 @@ static int better_lane(struct lane *lane, struct sf_attachment *attachment)
 		return 0;
 	lane->next_placement_ns = now + PLACEMENT_GAP_NS;
 	attachment->placed_ns = now;
-	int cpu = sf_task_cpu(attachment->pid, attachment->last_tid);
-	if (cpu < 0 && attachment->last_tid) /* that thread ended: its process, then */
+	uint32_t tid = attachment->tids_visible ? attachment->last_tid : 0;
+	int cpu = sf_task_cpu(attachment->pid, tid);
+	if (cpu < 0 && tid) /* that thread ended: its process, then */
 		cpu = sf_task_cpu(attachment->pid, 0);
 	if (cpu < 0 || cpu == lane->cpu)
 		return 0;
@@ -1344,6 +1357,19 @@ int sf_lane_watch(void *opaque, int fd, struct sf_attachment *attachment)
 	return rc;
 }
 
+/* Drop the attachment's hand-backs not taken yet: its memory may be reused by another
+ * attachment, which a stale entry would then name. */
+static void forget_handbacks(struct handbacks *handbacks, const struct sf_attachment *attachment)
+{
+	pthread_mutex_lock(&handbacks->lock);
+	uint32_t kept = 0;
+	for (uint32_t i = 0; i < handbacks->count; i++)
+		if (handbacks->items[i] != attachment)
+			handbacks->items[kept++] = handbacks->items[i];
+	handbacks->count = kept;
+	pthread_mutex_unlock(&handbacks->lock);
+}
+
 /* Take the attachment back from the lane for good (before its userfaultfd is closed). */
 void sf_lane_unwatch(void *opaque, int fd)
 {
@@ -1356,6 +1382,7 @@ void sf_lane_unwatch(void *opaque, int fd)
 			epoll_ctl(lane->engine.epfd, EPOLL_CTL_DEL, fd, NULL);
 		attachment->in_lane = 0;
 		sf_watch(&lane->engine, fd, NULL);
+		forget_handbacks(lane->handbacks, attachment);
 	}
 	pthread_mutex_unlock(&lane->lock);
 }

@@ -30,6 +30,8 @@ _syscall.restype = ctypes.c_long
 
 #: cachestat(2), Linux 6.5: one number on every architecture, as for every call since 424
 _SYS_CACHESTAT = 451
+#: whether the kernel said ENOSYS once (then it is not asked again)
+_cachestat_missing = [False]
 
 
 class _CachestatRange(ctypes.Structure):
@@ -119,6 +121,8 @@ def userfaultfd(flags: int) -> int:
 def pages_present(fd: int, offset: int, length: int) -> int | None:
     """cachestat(2): how many pages of the file's ``[offset, offset + length)`` it has, in
     memory or (shmem) swapped out; None when the kernel cannot say (before 6.5, hugetlbfs)."""
+    if _cachestat_missing[0]:
+        return None
     request = _CachestatRange(offset, length)
     stat = _Cachestat()
     if _syscall(
@@ -128,6 +132,7 @@ def pages_present(fd: int, offset: int, length: int) -> int | None:
         ctypes.byref(stat),
         ctypes.c_uint(0),
     ):
+        _cachestat_missing[0] = ctypes.get_errno() == errno.ENOSYS
         return None
     return int(stat.nr_cache + stat.nr_evicted)
 

@@ -946,7 +946,7 @@ class FaultEngine:
         if isinstance(event, protocol.DetachRequested):
             # Faults still queued are served first: a thread that faulted before DETACH runs on.
             if attachment.uffd is not None:
-                self._serve_uffd(attachment)
+                self._serve_uffd(attachment, lend_again=False)  # it ends right below
             reply = attachment.machine.detached()
             reason = "the client detached"
         elif isinstance(event, protocol.Violation):
@@ -962,7 +962,7 @@ class FaultEngine:
 
     # --- faults ---
 
-    def _serve_uffd(self, attachment: Attachment) -> None:
+    def _serve_uffd(self, attachment: Attachment, *, lend_again: bool = True) -> None:
         native = attachment.native
         if native is None or self._native is None or attachment.uffd is None:
             self._serve_uffd_records(attachment)
@@ -978,7 +978,7 @@ class FaultEngine:
         try:
             self._serve_uffd_records(attachment, records, read_at)
         finally:
-            if attachment.native is native:
+            if attachment.native is native and lend_again:
                 native.push(attachment.ranges)
                 try:
                     self._native.give(fd, native)

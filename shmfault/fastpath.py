@@ -107,6 +107,7 @@ class AttachmentStruct(ctypes.Structure):
         ("last_tid", ctypes.c_uint32),
         ("placed_ns", ctypes.c_int64),
         ("wanted_lane", ctypes.c_int32),
+        ("tids_visible", ctypes.c_int32),
     ]
 
 
@@ -276,6 +277,15 @@ def region_lock() -> contextlib.AbstractContextManager[Any]:
     return threading.RLock() if lib is None else RegionLock(lib)
 
 
+def _same_pid_namespace(pid: int) -> bool:
+    """Whether process ``pid`` shares this process's pid namespace: the thread ids its faults
+    carry (UFFD_FEATURE_THREAD_ID) are then ids in our /proc, not only in its own."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino == os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return False
+
+
 class NativeAttachment:
     """An attachment as the C fast path serves it: the C structures, kept alive here.
 
@@ -325,6 +335,7 @@ class NativeAttachment:
             struct.source_mapped = source.mapped
         struct.page_size = page_size
         struct.pid = pid  # placement looks at the CPU its threads run on (NativeEngine)
+        struct.tids_visible = int(bool(pid) and _same_pid_namespace(pid))
         struct.region = region_lock.address
         struct.range_count = len(ranges)
         struct.ranges = ctypes.cast(self._ranges, ctypes.POINTER(Range))
@@ -569,7 +580,7 @@ class NativeEngine:
             ctypes.byref(block_start),
             ctypes.byref(block_end),
         )
-        if done == len(pages):
+        if not block_end.value:  # every block done (done == len(pages))
             return done, filled.value, None
         return done, filled.value, (block_range.value, block_start.value, block_end.value)
 

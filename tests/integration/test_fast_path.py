@@ -413,6 +413,7 @@ def test_only_the_lanes_are_pinned_the_threads_they_start_are_not(
         with running.client() as client, running_on(cpus[0]):
             region, data = make_region(client, tmp_path, "zero", 1024 * PAGE)
             with client.attach(region.id, mode="shared-copy") as attached:
+                before = len(list(Path(f"/proc/{pid}/task").iterdir()))
                 assert Memory.of(attached).wrong_pages(data, range(0, 1024, 128)) == []
                 allowed = {}
                 for task in Path(f"/proc/{pid}/task").iterdir():
@@ -428,7 +429,8 @@ def test_only_the_lanes_are_pinned_the_threads_they_start_are_not(
     )
     # the two lanes, one CPU each; every other thread (the workers included) all of them
     assert single == [str(cpu) for cpu in cpus], allowed
-    assert len(allowed) > 4, allowed  # main, engine, lanes, workers, gRPC, ...
+    # the large windows started a worker (on the lane that served them)
+    assert len(allowed) > before, (before, allowed)
 
 
 def test_one_fault_thread_starts_no_lane(

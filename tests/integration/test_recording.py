@@ -121,6 +121,43 @@ def test_replay_fills_the_recorded_blocks_before_the_client_touches_them(
 
 
 @pytest.mark.parametrize("mode", LAZY_MODES)
+@pytest.mark.parametrize("which", ["first", "last"])
+def test_a_replayed_block_holding_a_written_page_is_filled_too(
+    client: Client, tmp_path: Path, mode: str, which: str
+) -> None:
+    # A page written into the region makes a replay block one the C side leaves to Python
+    # (private-copy reads written pages there; the shared modes meet EEXIST). The last block
+    # of a step must come back as well as any other: filled, counted, and not faulted on.
+    region_id, _data = file_region(client, tmp_path)
+    rng = random.Random(17)
+    pages = sorted(
+        block * FAULT_AROUND + rng.randrange(FAULT_AROUND) for block in rng.sample(range(BLOCKS), 8)
+    )
+    recording_id = record_touches(client, region_id, [(p, False) for p in pages], mode)
+    second_id, data = file_region(client, tmp_path)
+    block = (pages[0] if which == "first" else pages[-1]) // FAULT_AROUND
+    written_page = block * FAULT_AROUND + FAULT_AROUND // 2
+    written = bytes([0xA5]) * PAGE
+    client.write(second_id, written_page * PAGE, written)
+    expected = data[: written_page * PAGE] + written + data[(written_page + 1) * PAGE :]
+    with client.attach(second_id, mode=mode, replay=recording_id) as attached:
+        settle(
+            lambda: entry_of(client, attached.attachment_id)["replay_pending"] == 0,
+            "replay finished",
+        )
+        memory = Memory.of(attached)
+        recorded_blocks = sorted({p // FAULT_AROUND for p in pages})
+        touched = [b * FAULT_AROUND + i for b in recorded_blocks for i in range(FAULT_AROUND)]
+        assert memory.wrong_pages(expected, touched) == []
+        entry = entry_of(client, attached.attachment_id)
+        assert entry["counters"]["faults"] == 0, entry
+        # The shared modes fill the region file, which has the written page already;
+        # private-copy copies it into the client's memory like every other.
+        already = 0 if mode == "private-copy" else 1
+        assert entry["counters"]["pages_prefetched"] == len(touched) - already, entry
+
+
+@pytest.mark.parametrize("mode", LAZY_MODES)
 def test_faults_racing_a_replay_read_the_right_bytes(
     client: Client, tmp_path: Path, mode: str
 ) -> None:

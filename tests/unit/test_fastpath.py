@@ -228,3 +228,65 @@ def test_the_cpu_of_one_thread_is_that_threads() -> None:
     thread.start()
     thread.join()
     assert seen == [cpus[-1]]
+
+
+def test_a_replay_step_whose_last_block_is_left_unfinished_says_so() -> None:
+    # The count of pages done with cannot tell "all done" from "the last block not done":
+    # the block itself must come back, or Python never finishes it (nor meets its error).
+    built()
+    lib = fastpath.library()
+    assert lib is not None
+    closed = fastpath.RegionLock(lib)
+    with closed:
+        closed.close()  # the C side then fills nothing: every block comes back unfinished
+    pages = bytearray(64)
+    native = fastpath.NativeAttachment(
+        uffd=-1,
+        mode=1,
+        region_fd=-1,
+        zero=True,
+        source=None,
+        page_size=PAGE,
+        region_lock=closed,
+        ranges=[
+            SimpleNamespace(
+                base=0x10000000,
+                length=64 * PAGE,
+                region_offset=0,
+                pages=pages,
+                sequential_next=-1,
+                window_pages=16,
+            )
+        ],
+    )
+    with select.epoll() as epoll:
+        engine = _engine(lib, epoll, spin_ns=0)
+        try:
+            assert engine.replay_step(native, [3]) == (1, 0, (0, 0, 16 * PAGE))
+            assert engine.replay_step(native, [3, 40]) == (1, 0, (0, 0, 16 * PAGE))
+            assert engine.replay_step(native, [40]) == (1, 0, (0, 32 * PAGE, 48 * PAGE))
+            assert engine.replay_step(native, [64 + 5]) == (1, 0, None)  # outside: skipped
+        finally:
+            engine.close()
+
+
+def test_thread_ids_are_looked_up_only_for_clients_in_our_pid_namespace() -> None:
+    assert fastpath._same_pid_namespace(os.getpid())
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare(1) to start a process in a pid namespace of its own")
+    holder = subprocess.Popen([unshare, "--pid", "--fork", "--kill-child", "sleep", "60"])
+    try:
+        children: list[str] = []
+        deadline = time.monotonic() + 10
+        while not children and time.monotonic() < deadline:
+            with open(f"/proc/{holder.pid}/task/{holder.pid}/children") as listed:
+                children = listed.read().split()
+            time.sleep(0.01)
+        if not children:
+            pytest.skip("unshare --pid --fork started no child (no permission?)")
+        assert not fastpath._same_pid_namespace(int(children[0]))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not fastpath._same_pid_namespace(holder.pid)  # gone: not ours to look into

@@ -526,7 +526,7 @@ def test_holes_are_found_within_the_range_however_much_of_the_file_is_filled() -
         fd = backing.fileno()
         for start, end in ((0, 100), (102, 2000), (2001, pages - 1)):
             os.pwrite(fd, b"x" * ((end - start) * PAGE), start * PAGE)
-        assert memory._libc.pages_present(fd, 0, pages * PAGE) == pages - 4
+        assert memory._libc.pages_present(fd, 0, pages * PAGE) in (pages - 4, None)  # 6.5+
         assert list(backing.holes(0, 64 * PAGE)) == []
         assert list(backing.holes(96 * PAGE, 112 * PAGE)) == [(100 * PAGE, 102 * PAGE)]
         assert list(backing.holes(101 * PAGE, 102 * PAGE)) == [(101 * PAGE, 102 * PAGE)]
