@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from tests.integration.attach_helpers import (
     PAGE,
     Memory,
     entry_of,
+    fd_count,
     make_region,
     random_file,
     settle,
@@ -431,6 +434,58 @@ def test_only_the_lanes_are_pinned_the_threads_they_start_are_not(
     assert single == [str(cpu) for cpu in cpus], allowed
     # the large windows started a worker (on the lane that served them)
     assert len(allowed) > before, (before, allowed)
+
+
+def test_clients_hopping_between_cpus_while_attaching_and_detaching_lose_nothing(
+    service_dir: Path, shm_prefix: str, tmp_path: Path
+) -> None:
+    """Four client threads, each on a region of its own, move to another CPU every few
+    faults and detach and attach again now and then, so that attachments are moved between
+    lanes while they fault, are taken back, and end. Every page reads right, moves happen,
+    and nothing is left behind in the service."""
+    cpus = two_cpus()
+    pages = 512
+    running = Service(service_dir, shm_prefix, [*ONE_PAGE, "--fault-threads", "2"])
+    running.start()
+    assert running.process is not None
+    pid = running.process.pid
+    try:
+        with running.client() as client:
+            regions = [make_region(client, tmp_path, "file", pages * PAGE) for _ in range(4)]
+            baseline = fd_count(pid)
+            failures: list[str] = []
+
+            def hop(index: int) -> None:
+                region, data = regions[index]
+                rng = random.Random(index)
+                try:
+                    for round_ in range(3):
+                        with client.attach(region.id, mode=LAZY_MODES[index % 3]) as attached:
+                            memory = Memory.of(attached)
+                            order = shuffled(range(pages), index * 10 + round_)
+                            for start in range(0, pages, 8):
+                                os.sched_setaffinity(0, {rng.choice(cpus)})
+                                if memory.wrong_pages(data, order[start : start + 8]):
+                                    failures.append(f"client {index}: wrong bytes")
+                                    return
+                                if start % 64 == 0:
+                                    time.sleep(0.011)  # past the 10 ms between looks
+                except Exception as exc:  # reported below, with the others
+                    failures.append(f"client {index}: {exc!r}")
+
+            threads = [threading.Thread(target=hop, args=(i,)) for i in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(100)
+            assert not any(thread.is_alive() for thread in threads)
+            assert failures == []
+            settle(lambda: fd_count(pid) == baseline, "every attachment's fds closed")
+            assert client.stats() is not None  # the service still answers
+    finally:
+        stats = stop(running)
+    assert stats["lane_moves"] >= 1, stats
+    assert stats["native_faults"] >= 1, stats
 
 
 def test_one_fault_thread_starts_no_lane(
