@@ -545,6 +545,11 @@ class FaultEngine:
         """Whether the C fast path serves the faults it can."""
         return self._native is not None
 
+    @property
+    def lane_cpus(self) -> list[int]:
+        """The CPU each lane thread is pinned to (-1: not pinned); empty without lanes."""
+        return [] if self._native is None else list(self._native.lane_cpus)
+
     # --- control (any thread) ---
 
     def start(self) -> None:

@@ -488,6 +488,8 @@ class Server:
                 if not config.fast_path
                 else fastpath.unavailable_reason() or "the C library is loaded"
             ),
+            # one fault thread pinned to each of these CPUs (none: the engine thread alone)
+            lane_cpus=",".join(map(str, self.engine.lane_cpus)) or "none",
         )
         report = self.capabilities()
         self.identities = Identities()

@@ -314,6 +314,9 @@ def test_lanes_are_pinned_and_serve_the_client_on_their_cpu_handing_back_what_th
     cpus, faults = lanes_of(stats_line(running))
     assert cpus == [first_cpu, second_cpu]
     assert faults[0] == 0 and faults[1] == stats["native_faults"], faults
+    assert f"lane_cpus={first_cpu},{second_cpu}" in next(
+        line for line in running.logs().splitlines() if "event=fast_path" in line
+    )
     assert stats["lane_moves"] == 0, stats
 
 
@@ -507,3 +510,4 @@ def test_one_fault_thread_starts_no_lane(
         stats = stop(running)
     assert stats["lanes"] == 0, stats
     assert stats["native_faults"] == 32, stats
+    assert "lane_cpus=none" in running.logs(), "the start line says there is no lane"
