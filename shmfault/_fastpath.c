@@ -16,8 +16,9 @@
  *
  * Ownership: a registered attachment's page states and fault-around window belong to whoever
  * runs on the engine thread: this code inside sf_wait(), Python outside it. Counters are only
- * added to here and read by any thread (aligned 64-bit loads: a reader may see a fault counted
- * a moment late, never a torn value). A region's lock (struct sf_region) is shared with
+ * written here and read by any thread (aligned 64-bit loads, never a torn value); a fault and
+ * its fill are counted before the ioctl that wakes the client and taken back if it fails, so a
+ * reader never misses what a client saw served. A region's lock (struct sf_region) is shared with
  * Python's RegionBacking, which takes it through sf_region_lock(): region writes, fills and
  * close exclude the fills made here, and a closed region is never touched.
  *
@@ -431,6 +432,16 @@ static void count_fill(struct sf_attachment *attachment, uint64_t bytes, int zer
 		attachment->counters.zero_pages += pages;
 }
 
+/* Take back bytes counted ahead (count_fill before the ioctl) that the ioctl did not fill. */
+static void uncount_fill(struct sf_attachment *attachment, uint64_t bytes, int zero)
+{
+	uint64_t pages = bytes / attachment->page_size;
+	attachment->counters.pages_filled -= pages;
+	attachment->counters.bytes_filled -= bytes;
+	if (zero)
+		attachment->counters.zero_pages -= pages;
+}
+
 /* The source's bytes for region [start, end) in place, or 0 (zeros, or not mapped there). */
 static uint64_t source_address(const struct sf_attachment *attachment, uint64_t start,
 			       uint64_t end)
@@ -652,12 +663,16 @@ static int resolve_shared_copy(struct sf_engine *engine, struct sf_attachment *a
 	if (!attachment->zero && !source)
 		return TO_PYTHON;
 	struct piece pieces[2];
+	/* Counted before the ioctl, which wakes the client: what a client saw filled is in its
+	 * counters by then, as the Python engine's are (taken back below if it was not). */
+	count_fill(attachment, end - start, attachment->zero);
 	int count = map_window(engine, attachment, SHARED_COPY, start + delta, source, end - start,
 			       pieces);
 	int outcome = SERVED;
 	for (int i = 0; i < count; i++) {
-		if (pieces[i].result.done)
-			count_fill(attachment, pieces[i].result.done, attachment->zero);
+		if (pieces[i].result.done < pieces[i].length)
+			uncount_fill(attachment, pieces[i].length - pieces[i].result.done,
+				     attachment->zero);
 		/* EEXIST, a partial copy, ESRCH, ENOMEM, a source that shrank (EFAULT): the slow
 		 * path searches the holes, wakes, or ends the attachment saying why. */
 		if (pieces[i].result.error)
@@ -740,18 +755,26 @@ static int resolve_runs(struct sf_engine *engine, struct sf_attachment *attachme
 				return served ? SERVED : TO_PYTHON;
 		}
 		struct piece pieces[2];
+		if (copy) /* before the ioctl wakes the client, as in resolve_shared_copy */
+			count_fill(attachment, length, attachment->zero);
 		int count = map_window(engine, attachment, copy ? SHARED_COPY : SHARED_CONTINUE,
 				       range->base + run_start * page, source, length, pieces);
 		int to_continue = 0;
+		/* Both pieces' pages done are marked (and what was not done taken back from the
+		 * count) before any error is acted on, which may return. */
+		for (int i = 0; i < count; i++) {
+			uint64_t piece_start = (pieces[i].address - range->base) / page;
+			uint64_t done = pieces[i].result.done / page;
+			mark_mapped(range, piece_start, piece_start + done);
+			if (copy && done * page < pieces[i].length)
+				uncount_fill(attachment, pieces[i].length - done * page, attachment->zero);
+			if (piece_start <= index && index < piece_start + done)
+				served = 1;
+		}
 		for (int i = 0; i < count; i++) {
 			uint64_t piece_start = (pieces[i].address - range->base) / page;
 			uint64_t done = pieces[i].result.done / page;
 			int error = pieces[i].result.error;
-			mark_mapped(range, piece_start, piece_start + done);
-			if (copy)
-				count_fill(attachment, done * page, attachment->zero);
-			if (piece_start <= index && index < piece_start + done)
-				served = 1;
 			if (!error)
 				continue;
 			failed = 1;
@@ -941,17 +964,21 @@ static int serve(struct sf_engine *engine, struct sf_attachment *attachment)
 			if (attachment->record_length == attachment->record_capacity &&
 			    attachment->record_capacity)
 				break; /* Python takes the recorded faults first */
+			/* Counted before the ioctl wakes the client (as Python counts a fault when it
+			 * reads it); taken back if Python is to serve it, and count it, after all. */
+			uint64_t *kind = flags & UFFD_PAGEFAULT_FLAG_MINOR
+						 ? &attachment->counters.faults_minor
+						 : &attachment->counters.faults_missing;
+			++*kind;
 			if (resolve(engine, attachment, message->arg.pagefault.address,
-				    flags & UFFD_PAGEFAULT_FLAG_MINOR, &page_index) != SERVED)
+				    flags & UFFD_PAGEFAULT_FLAG_MINOR, &page_index) != SERVED) {
+				--*kind;
 				break;
+			}
 			if (attachment->record_capacity)
 				attachment->record[attachment->record_length++] =
 					page_index << 1 | !!(flags & UFFD_PAGEFAULT_FLAG_WRITE);
 			attachment->last_tid = message->arg.pagefault.feat.ptid;
-			if (message->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR)
-				attachment->counters.faults_minor++;
-			else
-				attachment->counters.faults_missing++;
 			attachment->counters.latency[latency_bucket(engine, now_ns() - read_at)]++;
 			engine->faults_served++;
 		}

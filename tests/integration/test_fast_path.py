@@ -88,8 +88,8 @@ def test_random_faults_read_right_and_are_counted_on_either_path(
         touched = shuffled(range(PAGES), 7)[: PAGES // 2]
         with client.attach(region.id, mode=mode) as attached:
             assert Memory.of(attached).wrong_pages(data, touched) == []
-        # Read once it ended: the C side counts a fault just after the ioctl that woke the
-        # client, so a live attachment's counters may be a fault late (docs/architecture.md).
+        # Read once it ended: the latency histogram of a live attachment may be a fault
+        # behind (measured after the ioctl that woke the client; docs/architecture.md).
         entry = entry_of(client, attached.attachment_id)
         counters = entry["counters"]
         # One fault and one page per page touched, counted whoever served it; every fault's
