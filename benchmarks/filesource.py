@@ -28,9 +28,11 @@ from benchmarks.workloads import (
     Workspace,
     _address,
     _counters,
+    _region,
     _service_fields,
+    sequential_figures,
 )
-from shmfault import Client, Source, _libc
+from shmfault import Client, _libc
 
 STATES = ("cold", "warm")
 
@@ -106,23 +108,15 @@ def shmfault_file(
     """A region of the file, attached in ``mode``, touched once in address order."""
     config = ws.config
     size = config.file_size
-    region = client.create_region(size, source=Source.of_file(path))
-    try:
-        attachment = client.attach(region, mode=mode)
-        try:
-            if attachment.mode.wire_name != mode:
-                raise RuntimeError(f"asked for {mode}, got {attachment.mode.wire_name}")
-            cached = set_state(path, size, state, ws.page_size)
-            with watchdog(service, config.run_timeout, f"file {mode} {state}"):
-                before = service.cpu_ns()
-                elapsed = ws.toucher.touch_seq(attachment.address, size, ws.page_size, config.write)
-                after = service.cpu_ns()
-                bad = ws.mismatched(attachment.address, None, size // ws.page_size)
-        finally:
-            attachment.detach()
+    with _region(ws, client, size, mode, source=path) as (region, attachment):
+        cached = set_state(path, size, state, ws.page_size)
+        with watchdog(service, config.run_timeout, f"file {mode} {state}"):
+            before = service.cpu_ns()
+            elapsed = ws.toucher.touch_seq(attachment.address, size, ws.page_size, config.write)
+            after = service.cpu_ns()
+            bad = ws.mismatched(attachment.address, None, size // ws.page_size)
+        attachment.detach()
         counters = _counters(client, region.id, attachment.attachment_id)
-    finally:
-        client.delete_region(region.id, force=True)
     return {
         "workload": "file",
         "subject": "shmfault",
@@ -131,12 +125,8 @@ def shmfault_file(
         "cached_before": cached,
         "fault_around": service.fault_around,
         "rep": rep,
-        "bytes": size,
-        "elapsed_ns": elapsed,
-        "gbps": size / elapsed,
+        **sequential_figures(size, elapsed, bad),
         **_service_fields(before, after, counters),
-        "bad_pages": bad,
-        "verified": bad == 0,
     }
 
 
@@ -156,11 +146,7 @@ def kernel_file(ws: Workspace, path: Path, state: str, rep: int) -> Record:
         "cached_before": cached,
         "fault_around": 0,
         "rep": rep,
-        "bytes": size,
-        "elapsed_ns": elapsed,
-        "gbps": size / elapsed,
-        "bad_pages": bad,
-        "verified": bad == 0,
+        **sequential_figures(size, elapsed, bad),
     }
 
 

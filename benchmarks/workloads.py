@@ -293,9 +293,16 @@ def _default_source_dir(fallback: Path) -> Path:
 
 @contextlib.contextmanager
 def _region(
-    ws: Workspace, client: Client, size: int, mode: str, **attach: Any
+    ws: Workspace,
+    client: Client,
+    size: int,
+    mode: str,
+    source: Path | None = None,
+    **attach: Any,
 ) -> Iterator[tuple[Any, Any]]:
-    region = client.create_region(size, source=Source.of_file(ws.source_path))
+    """A fresh region of ``source`` (default: the run's source file), attached in ``mode``;
+    detached and deleted after."""
+    region = client.create_region(size, source=Source.of_file(source or ws.source_path))
     try:
         attachment = client.attach(region, mode=mode, **attach)
         if attachment.mode.wire_name != mode:
@@ -307,6 +314,17 @@ def _region(
             attachment.detach()
     finally:
         client.delete_region(region.id, force=True)
+
+
+def sequential_figures(size: int, elapsed_ns: int, bad_pages: int) -> Record:
+    """The fields every in-order fill of ``size`` bytes reports."""
+    return {
+        "bytes": size,
+        "elapsed_ns": elapsed_ns,
+        "gbps": size / elapsed_ns,
+        "bad_pages": bad_pages,
+        "verified": bad_pages == 0,
+    }
 
 
 def _counters(client: Client, region_id: str, attachment_id: int) -> dict[str, Any]:
@@ -394,12 +412,8 @@ def shmfault_seq(ws: Workspace, service: Service, client: Client, mode: str, rep
         "mode": mode,
         "fault_around": service.fault_around,
         "rep": rep,
-        "bytes": size,
-        "elapsed_ns": elapsed,
-        "gbps": size / elapsed,
+        **sequential_figures(size, elapsed, bad),
         **_service_fields(before, after, counters),
-        "bad_pages": bad,
-        "verified": bad == 0,
     }
     record["faults_per_s"] = record["faults"] / (elapsed / 1e9)
     return record
@@ -522,12 +536,8 @@ def kernel_seq(ws: Workspace, rep: int) -> Record:
         "mode": "memfd-first-touch",
         "fault_around": 0,
         "rep": rep,
-        "bytes": size,
-        "elapsed_ns": elapsed,
-        "gbps": size / elapsed,
+        **sequential_figures(size, elapsed, bad),
         "faults": size // ws.page_size,
-        "bad_pages": bad,
-        "verified": bad == 0,
     }
 
 

@@ -631,6 +631,19 @@ static int fill_holes(struct sf_engine *engine, struct sf_attachment *attachment
 
 /* The fault-around window for a fault at region offset `offset` (engine.py's
  * _adaptive_window), not yet committed to the range. */
+/* The aligned fault-around block around region offset `offset`, clipped to the range
+ * (engine.py's _window): both ends from the aligned block, so that clipping the start never
+ * pushes the end into the next block. */
+static void block_of(const struct sf_engine *engine, const struct sf_range *range,
+		     uint64_t page, uint64_t offset, uint64_t *start, uint64_t *end)
+{
+	uint64_t limit = range->region_offset + range->length;
+	uint64_t block = engine->fault_around_pages * page;
+	uint64_t aligned = offset - offset % block;
+	*start = aligned > range->region_offset ? aligned : range->region_offset;
+	*end = aligned + block < limit ? aligned + block : limit;
+}
+
 static void window_of(const struct sf_engine *engine, const struct sf_range *range,
 		      uint64_t page, uint64_t offset, uint64_t *start, uint64_t *end,
 		      uint64_t *pages)
@@ -646,11 +659,8 @@ static void window_of(const struct sf_engine *engine, const struct sf_range *ran
 		*end = offset + *pages * page < limit ? offset + *pages * page : limit;
 		return;
 	}
-	uint64_t block = engine->fault_around_pages * page;
-	uint64_t aligned = offset - offset % block;
 	*pages = engine->fault_around_pages;
-	*start = aligned > range->region_offset ? aligned : range->region_offset;
-	*end = aligned + block < limit ? aligned + block : limit;
+	block_of(engine, range, page, offset, start, end);
 }
 
 /* shared-copy: the whole window in one COPY (or ZEROPAGE); the kernel never overwrites a page
@@ -869,7 +879,6 @@ int sf_replay_step(struct sf_engine *engine, struct sf_attachment *attachment,
 		   uint64_t *block_start, uint64_t *block_end)
 {
 	uint64_t page = attachment->page_size;
-	uint64_t block = engine->fault_around_pages * page;
 	uint64_t before = attachment->counters.pages_filled;
 	int32_t current = -1; /* the block being gathered: its range, or -1 */
 	uint64_t start = 0, end = 0;
@@ -882,14 +891,10 @@ int sf_replay_step(struct sf_engine *engine, struct sf_attachment *attachment,
 			offset = pages[i] * page;
 			for (uint32_t r = 0; r < attachment->range_count; r++) {
 				struct sf_range *range = &attachment->ranges[r];
-				if (offset - range->region_offset < range->length &&
-				    offset >= range->region_offset) {
+				if (offset >= range->region_offset &&
+				    offset - range->region_offset < range->length) {
 					found = (int32_t)r;
-					uint64_t aligned = offset - offset % block;
-					uint64_t limit = range->region_offset + range->length;
-					next_start = aligned > range->region_offset ? aligned
-										     : range->region_offset;
-					next_end = aligned + block < limit ? aligned + block : limit;
+					block_of(engine, range, page, offset, &next_start, &next_end);
 					break;
 				}
 			}

@@ -91,9 +91,9 @@ EVENTS_PER_READ = 64
 MAX_RETRIES = 16
 #: Times in a row one page may fault again after an EEXIST wake before the attachment is ended.
 MAX_REFAULTS = 10_000
-#: A read of a client's userfaultfd that has not returned after this many seconds was made to
 #: Most lane threads that serve faults in C (FaultEngine ``threads``' default: one per CPU).
 MAX_FAULT_THREADS = 4
+#: A read of a client's userfaultfd that has not returned after this many seconds was made to
 #: block by the client (it shares the file: it cleared O_NONBLOCK and read its own events).
 READ_STALL = 0.25
 #: The signal that interrupts such a read (sent to the engine thread only); the engine takes

@@ -486,7 +486,9 @@ def test_clients_hopping_between_cpus_while_attaching_and_detaching_lose_nothing
             assert not any(thread.is_alive() for thread in threads)
             assert failures == []
             settle(lambda: fd_count(pid) == baseline, "every attachment's fds closed")
-            assert client.stats() is not None  # the service still answers
+            # the service still answers, and every attachment of the test has ended
+            entries = client.stats()
+            assert len(entries) == 12 and all(e["ended"] is not None for e in entries), entries
     finally:
         stats = stop(running)
     assert stats["lane_moves"] >= 1, stats

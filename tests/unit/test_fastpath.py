@@ -146,6 +146,34 @@ def test_the_spin_window_polls_until_something_is_ready() -> None:
             os.close(ready)
 
 
+def _mapped_range(base: int, pages: int, region_offset: int) -> SimpleNamespace:
+    """What NativeAttachment reads of an engine.MappedRange."""
+    return SimpleNamespace(
+        base=base,
+        length=pages * PAGE,
+        region_offset=region_offset,
+        pages=bytearray(pages),
+        sequential_next=-1,
+        window_pages=16,
+    )
+
+
+def _zero_attachment(
+    lock: fastpath.RegionLock, ranges: list[SimpleNamespace]
+) -> fastpath.NativeAttachment:
+    """A shared-copy attachment of a zero region, on no userfaultfd (nothing is mapped)."""
+    return fastpath.NativeAttachment(
+        uffd=-1,
+        mode=1,
+        region_fd=-1,
+        zero=True,
+        source=None,
+        page_size=PAGE,
+        region_lock=lock,
+        ranges=ranges,
+    )
+
+
 def test_a_remap_that_reorders_the_ranges_keeps_each_ranges_own_pages() -> None:
     # The engine keeps its ranges sorted by address; a remap moves one past another. The C
     # side must then see each range with its own page states, not its old neighbour's.
@@ -153,27 +181,8 @@ def test_a_remap_that_reorders_the_ranges_keeps_each_ranges_own_pages() -> None:
     lib = fastpath.library()
     assert lib is not None
 
-    def mapped_range(base: int, pages: int, region_offset: int) -> SimpleNamespace:
-        return SimpleNamespace(
-            base=base,
-            length=pages * PAGE,
-            region_offset=region_offset,
-            pages=bytearray(pages),
-            sequential_next=-1,
-            window_pages=16,
-        )
-
-    low, high = mapped_range(0x10000000, 4, 0), mapped_range(0x20000000, 8, 4 * PAGE)
-    native = fastpath.NativeAttachment(
-        uffd=-1,
-        mode=1,
-        region_fd=-1,
-        zero=True,
-        source=None,
-        page_size=PAGE,
-        region_lock=fastpath.RegionLock(lib),
-        ranges=[low, high],
-    )
+    low, high = _mapped_range(0x10000000, 4, 0), _mapped_range(0x20000000, 8, 4 * PAGE)
+    native = _zero_attachment(fastpath.RegionLock(lib), [low, high])
     low.base = 0x30000000  # remapped above the other
     ranges = sorted([low, high], key=lambda r: r.base)
     native.push(ranges)
@@ -239,26 +248,7 @@ def test_a_replay_step_whose_last_block_is_left_unfinished_says_so() -> None:
     closed = fastpath.RegionLock(lib)
     with closed:
         closed.close()  # the C side then fills nothing: every block comes back unfinished
-    pages = bytearray(64)
-    native = fastpath.NativeAttachment(
-        uffd=-1,
-        mode=1,
-        region_fd=-1,
-        zero=True,
-        source=None,
-        page_size=PAGE,
-        region_lock=closed,
-        ranges=[
-            SimpleNamespace(
-                base=0x10000000,
-                length=64 * PAGE,
-                region_offset=0,
-                pages=pages,
-                sequential_next=-1,
-                window_pages=16,
-            )
-        ],
-    )
+    native = _zero_attachment(closed, [_mapped_range(0x10000000, 64, 0)])
     with select.epoll() as epoll:
         engine = _engine(lib, epoll, spin_ns=0)
         try:
